@@ -1,0 +1,194 @@
+"""Resolving ``--model`` and loading a pipeline onto a device.
+
+``--model`` takes ``tiny`` / ``tiny-sd2`` (built in, offline), a diffusers model folder, a single-file
+checkpoint (``.safetensors`` / ``.ckpt``), or a hub id (network or a warm cache). Every failure a user
+can cause is a :class:`ModelError` naming what was given and what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdrepl.core import tiny
+from sdrepl.core.devices import dtype_name, resolve_device, resolve_dtype
+from sdrepl.core.embedding import CLIP_G, CLIP_L, SINGLE
+from sdrepl.core.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+#: Native picture sizes per family (what a user gets without ``--size``).
+NATIVE_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+FAMILY_LABEL = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline on its device, with what the rest of the program needs to know about it."""
+
+    name: str
+    source: str  # "tiny", "folder", "single-file", "hub"
+    family: str  # "sd1", "sd2", "sdxl"
+    pipe: Any
+    device: torch.device
+    dtype: torch.dtype
+    native_size: int
+    path: Path | None = None
+    _hash: str | None = field(default=None, repr=False)
+
+    @property
+    def tokenizer(self):
+        return self.pipe.tokenizer
+
+    @property
+    def text_encoder(self):
+        return self.pipe.text_encoder
+
+    @property
+    def encoder_widths(self) -> dict[str, int]:
+        """Width of each text encoder, keyed as embedding vectors are keyed (see ``core.embedding``)."""
+        if self.family == "sdxl":
+            return {CLIP_L: 768, CLIP_G: 1280}
+        return {SINGLE: int(self.pipe.text_encoder.config.hidden_size)}
+
+    @property
+    def label(self) -> str:
+        return FAMILY_LABEL[self.family]
+
+    @property
+    def model_hash(self) -> str:
+        """A1111's ``Model hash``: the first 10 hex digits of the sha256 of the weights file.
+
+        For a folder (and the tiny models) the UNet's weights file stands in for the checkpoint.
+        """
+        if self._hash is None:
+            target = self.path
+            if target is not None and target.is_dir():
+                candidates = sorted((target / "unet").glob("diffusion_pytorch_model*.safetensors")) or sorted(
+                    (target / "unet").glob("*.bin")
+                )
+                target = candidates[0] if candidates else None
+            self._hash = sha256_file(target)[:10] if target is not None and target.is_file() else "0" * 10
+        return self._hash
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "model": self.name,
+            "source": self.source,
+            "family": self.family,
+            "device": str(self.device),
+            "dtype": dtype_name(self.dtype),
+            "native_size": self.native_size,
+            "encoders": self.encoder_widths,
+        }
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def family_of(pipe: Any) -> str:
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return "sdxl"
+    width = int(pipe.text_encoder.config.hidden_size)
+    return {768: "sd1", 1024: "sd2"}.get(width, "sd1")
+
+
+def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load ``spec`` (see module docstring) onto the chosen device; raise ModelError/DeviceError on failure."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    spec = (spec or "tiny").strip()
+    if spec in tiny.TINY_MODELS:
+        folder = tiny.ensure_tiny_folder(spec)
+        pipe = _load_folder(folder, spec)
+        model = LoadedModel(spec, "tiny", tiny.TINY_MODELS[spec].family, pipe, dev, dt, tiny.TINY_SIZE, folder)
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            pipe = _load_folder(path, spec)
+            source = "folder"
+        elif path.is_file():
+            pipe = _load_single_file(path)
+            source = "single-file"
+        elif path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin") or spec.startswith((".", "/", "~")):
+            raise ModelError(
+                f"--model {spec}: no such file or folder; expected tiny, tiny-sd2, a diffusers model folder, "
+                "a .safetensors/.ckpt checkpoint, or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5"
+            )
+        elif _HUB_ID.match(spec):
+            pipe = _load_hub(spec)
+            source = "hub"
+        else:
+            raise ModelError(
+                f"--model {spec!r} is neither a built-in model (tiny, tiny-sd2), an existing path, nor a hub id "
+                "(owner/name)"
+            )
+        family = family_of(pipe)
+        native = NATIVE_SIZE[family]
+        sample = getattr(pipe.unet.config, "sample_size", None)
+        if isinstance(sample, int) and sample > 0:
+            native = sample * getattr(pipe, "vae_scale_factor", 8)
+        model = LoadedModel(spec, source, family, pipe, dev, dt, native, path if source != "hub" else None)
+    model.pipe.set_progress_bar_config(disable=True)
+    if getattr(model.pipe, "safety_checker", None) is not None:
+        model.pipe.safety_checker = None
+    model.pipe.to(dev, dt)
+    for module in (model.pipe.text_encoder, model.pipe.unet, model.pipe.vae):
+        module.requires_grad_(False)
+    return model
+
+
+def _load_folder(folder: Path, spec: str):
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ModelError(
+            f"--model {spec}: {folder} is a folder but not a diffusers model (no model_index.json); expected "
+            "a folder made by save_pretrained, or a single .safetensors/.ckpt checkpoint file"
+        )
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name", "")
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"--model {spec}: {index} is not valid JSON ({exc})") from exc
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    cls = StableDiffusionXLPipeline if "XL" in class_name else StableDiffusionPipeline
+    try:
+        return cls.from_pretrained(folder, local_files_only=True, safety_checker=None, requires_safety_checker=False)
+    except Exception as exc:  # diffusers raises many types for a broken folder
+        raise ModelError(f"--model {spec}: cannot load the diffusers folder {folder}: {_short(exc)}") from exc
+
+
+def _load_single_file(path: Path):
+    from sdrepl.core.checkpoints import load_single_file
+
+    return load_single_file(path)
+
+
+def _load_hub(spec: str):
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.from_pretrained(spec, safety_checker=None)
+    except Exception as exc:
+        raise ModelError(
+            f"--model {spec}: cannot load this hub id ({_short(exc)}); without network it must already be in "
+            "the Hugging Face cache, or give a local folder or checkpoint file instead"
+        ) from exc
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

@@ -1,0 +1,158 @@
+"""The built-in offline ``tiny`` models: SD-shaped pipelines with random weights and the real tokenizer.
+
+They exist so that demos, tests and benchmarks run anywhere with no download: the text encoder is a real
+CLIP text transformer over the real 49,408-token vocabulary (768 wide for ``tiny``, 1024 for
+``tiny-sd2``), so real SD 1.x / 2.x embeddings load into it, while the UNet and VAE are as small as the
+diffusers classes allow. Weights come from a fixed seed, so every machine builds bit-identical models;
+the first build is saved to the user cache and later starts load it from there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+#: Bump when the architecture or seed changes, so stale caches are never used.
+TINY_VERSION = 1
+SEED = 20221122
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    name: str
+    family: str
+    width: int
+    heads: int
+
+
+TINY_MODELS = {
+    "tiny": TinySpec("tiny", "sd1", 768, 12),
+    "tiny-sd2": TinySpec("tiny-sd2", "sd2", 1024, 16),
+}
+
+#: The native picture size of the tiny models (the VAE downsamples by 8, so latents are 8x8).
+TINY_SIZE = 64
+
+
+def tokenizer_dir() -> Path:
+    """The shipped SD 1.x CLIP tokenizer files (``vocab.json``, ``merges.txt``)."""
+    return Path(str(resources.files("sdrepl.core") / "assets" / "clip-tokenizer"))
+
+
+def load_tokenizer():
+    """The real SD 1.x CLIP tokenizer, from package data (no network)."""
+    from transformers import CLIPTokenizer
+
+    folder = tokenizer_dir()
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def build_tiny(name: str):
+    """Build the named tiny pipeline from scratch, deterministically (same weights on every machine)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdrepl.core.samplers import make_scheduler
+
+    spec = TINY_MODELS[name]
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(SEED)
+        text_config = CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=spec.width,
+            intermediate_size=spec.width * 2,
+            num_hidden_layers=2,
+            num_attention_heads=spec.heads,
+            max_position_embeddings=77,
+            projection_dim=spec.width,
+            hidden_act="quick_gelu" if spec.family == "sd1" else "gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407 if spec.family == "sd1" else 0,
+        )
+        text_encoder = CLIPTextModel(text_config).eval()
+        torch.manual_seed(SEED + 1)
+        unet = UNet2DConditionModel(
+            sample_size=TINY_SIZE // 8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=spec.width,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        ).eval()
+        torch.manual_seed(SEED + 2)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=TINY_SIZE,
+        ).eval()
+    finally:
+        torch.random.set_rng_state(generator_state)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=load_tokenizer(),
+        unet=unet,
+        scheduler=make_scheduler("Euler a", None),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def cache_root() -> Path:
+    """Where built models are cached (``SDREPL_CACHE_DIR``, else the user cache folder)."""
+    env = os.environ.get("SDREPL_CACHE_DIR")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("sdrepl"))
+
+
+def cached_tiny_dir(name: str) -> Path:
+    return cache_root() / "models" / f"{name}-v{TINY_VERSION}"
+
+
+def ensure_tiny_folder(name: str) -> Path:
+    """Return a diffusers folder holding the named tiny model, building and caching it the first time.
+
+    The folder is written beside its final place and renamed into it, so a crash or a concurrent start
+    never leaves a half-written cache that a later start would trust.
+    """
+    folder = cached_tiny_dir(name)
+    if (folder / "model_index.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    pipe = build_tiny(name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / "model_index.json").is_file():  # not a lost race: a real failure
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder

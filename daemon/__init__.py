@@ -1,0 +1,1 @@
+"""The daemon: resident model, protocol server, job queue, folder watcher, lifecycle."""

@@ -1,0 +1,7 @@
+"""``python -m sdrepl`` is the same as the ``sdrepl`` console script."""
+
+import sys
+
+from sdrepl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,114 @@
+"""Settings: described once as a dataclass, filled from the command line and ``SDREPL_<NAME>`` variables.
+
+Every other part receives a :class:`Settings`; nothing reads the environment on its own. The flow is
+CLI/env -> Settings -> objects (server, client, REPL), as in uvicorn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdrepl.core.errors import UsageError
+
+
+def default_socket() -> Path:
+    """One socket per user: in ``$XDG_RUNTIME_DIR/sdrepl/`` when there is one, else a private /tmp folder."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) / "sdrepl" if runtime else Path(tempfile.gettempdir()) / f"sdrepl-{os.getuid()}"
+    return base / "sdrepl.sock"
+
+
+def parse_duration(text: str) -> float | None:
+    """``30s``, ``5m``, ``1h30m``, ``90`` (seconds), ``0`` (unload at once) or ``forever``/``-1`` (None)."""
+    text = (text or "").strip().lower()
+    if text in ("", "forever", "inf", "never", "-1"):
+        return None
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(h|m|s|ms)", text)
+    if not parts or "".join(n + u for n, u in parts) != re.sub(r"\s+", "", text):
+        raise UsageError(f"--keep-alive {text!r} is not a duration; use e.g. 30s, 5m, 1h30m, 0 or forever")
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+@dataclass
+class Settings:
+    """Options shared by ``sdrepl``, ``sdrepl serve``, ``status`` and ``stop`` (see interface.md)."""
+
+    socket: Path = field(default_factory=default_socket)
+    model: str = "tiny"
+    embeddings: list[Path] = field(default_factory=lambda: [Path("embeddings")])
+    outputs: Path = Path("outputs")
+    device: str = "auto"
+    dtype: str = "auto"
+    keep_alive: float | None = None  # seconds after the last request; None = forever
+
+    @property
+    def connection_file(self) -> Path:
+        """Written by the daemon beside its socket: pid, protocol version, model (owner-only)."""
+        return self.socket.with_name(self.socket.name + ".json")
+
+    @property
+    def log_file(self) -> Path:
+        """Where a detached daemon writes its log."""
+        return self.socket.with_name(self.socket.name + ".log")
+
+    def resolved(self) -> Settings:
+        """The same settings with absolute paths, so a daemon started elsewhere agrees with its client."""
+        return Settings(
+            socket=self.socket.expanduser().absolute(),
+            model=self.model,
+            embeddings=[p.expanduser().absolute() for p in self.embeddings],
+            outputs=self.outputs.expanduser().absolute(),
+            device=self.device,
+            dtype=self.dtype,
+            keep_alive=self.keep_alive,
+        )
+
+    def daemon_args(self) -> list[str]:
+        """Command-line options that recreate these settings in a daemon process (for auto-start)."""
+        args = ["--socket", str(self.socket), "--model", self.model, "--outputs", str(self.outputs),
+                "--device", self.device, "--dtype", self.dtype,
+                "--keep-alive", "forever" if self.keep_alive is None else str(self.keep_alive)]
+        for folder in self.embeddings:
+            args += ["--embeddings", str(folder)]
+        return args
+
+
+def add_shared_options(parser: argparse.ArgumentParser) -> None:
+    """The options every command takes; defaults come from ``SDREPL_<NAME>`` then the dataclass."""
+    env = os.environ.get
+    parser.add_argument("--socket", type=Path, default=Path(env("SDREPL_SOCKET")) if env("SDREPL_SOCKET") else None,
+                        help="where the daemon and clients meet (default: one per user in the runtime dir)")
+    parser.add_argument("--model", default=env("SDREPL_MODEL", "tiny"),
+                        help="tiny, tiny-sd2, a diffusers folder, a .safetensors/.ckpt file, or a hub id")
+    parser.add_argument("--embeddings", type=Path, action="append", default=None,
+                        help="an embeddings folder (repeatable; default ./embeddings)")
+    parser.add_argument("--outputs", type=Path, default=Path(env("SDREPL_OUTPUTS", "outputs")),
+                        help="where pictures are written (default ./outputs)")
+    parser.add_argument("--device", default=env("SDREPL_DEVICE", "auto"), help="auto, cuda, cuda:N, mps or cpu")
+    parser.add_argument("--dtype", default=env("SDREPL_DTYPE", "auto"), help="auto, fp16, bf16 or fp32")
+    parser.add_argument("--keep-alive", default=env("SDREPL_KEEP_ALIVE", "forever"),
+                        help="how long the model stays loaded after the last request (30s, 5m, forever)")
+
+
+def settings_from_args(ns: argparse.Namespace) -> Settings:
+    embeddings = ns.embeddings
+    if not embeddings:
+        env = os.environ.get("SDREPL_EMBEDDINGS")
+        embeddings = [Path(p) for p in env.split(os.pathsep) if p] if env else [Path("embeddings")]
+    return Settings(
+        socket=ns.socket or default_socket(),
+        model=ns.model,
+        embeddings=list(embeddings),
+        outputs=ns.outputs,
+        device=ns.device,
+        dtype=ns.dtype,
+        keep_alive=parse_duration(ns.keep_alive),
+    ).resolved()
