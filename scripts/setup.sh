@@ -23,22 +23,26 @@ if [ ! -x "$VENV/bin/python" ]; then
     say "creating the virtual environment in $VENV"
     "$PY" -m venv "$VENV"
 fi
-PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+# pip's warnings about index folders this machine's pip config names but lacks are noise here.
+pip_install() {
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" \
+        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         say "NVIDIA GPU found: installing the CUDA build of torch $TORCH_VERSION"
-        "${PIP[@]}" "torch==$TORCH_VERSION"
+        pip_install "torch==$TORCH_VERSION"
     else
         say "no NVIDIA GPU: installing the CPU build of torch $TORCH_VERSION"
         # A local CPU wheel (pip's find-links) is used where there is one; otherwise PyTorch's CPU index.
-        "${PIP[@]}" "torch==$TORCH_VERSION+cpu" 2>/dev/null \
-            || "${PIP[@]}" "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
+        pip_install "torch==$TORCH_VERSION+cpu" 2>/dev/null \
+            || pip_install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
                    --extra-index-url https://pypi.org/simple
     fi
 fi
 
 say "installing sdrepl and its test tools"
-"${PIP[@]}" -e ".[test]"
+pip_install -e ".[test]"
 touch "$STAMP"
 say "ready: $VENV"
