@@ -27,8 +27,8 @@ MAX_VECTORS = 75
 class EmbeddingData:
     """What a reader found in one file: vectors per encoder key, each ``[N, D]`` float32 on the CPU."""
 
-    vectors: dict[str, torch.Tensor]
-    format: str
+    vectors: dict[str, torch.Tensor] = field(repr=False)
+    format: str = ""
     #: The name stored inside the file (A1111 ``name``, a diffusers token without ``<>``, a PNG's name).
     inner_name: str | None = None
     step: int | None = None

@@ -11,6 +11,9 @@ import hashlib
 import json
 import logging
 import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,22 +109,26 @@ def family_of(pipe: Any) -> str:
     return {768: "sd1", 1024: "sd2"}.get(width, "sd1")
 
 
-def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load ``spec`` (see module docstring) onto the chosen device; raise ModelError/DeviceError on failure."""
+def load_model(spec: str, device: str = "auto", dtype: str = "auto", config: Path | None = None) -> LoadedModel:
+    """Load ``spec`` (see module docstring) onto the chosen device; raise ModelError/DeviceError on failure.
+
+    ``config`` is a diffusers config folder describing a single-file checkpoint of an architecture sdrepl
+    does not recognise by itself (see :mod:`sdrepl.core.checkpoints`); it is ignored for other kinds.
+    """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     spec = (spec or "tiny").strip()
     if spec in tiny.TINY_MODELS:
         folder = tiny.ensure_tiny_folder(spec)
-        pipe = _load_folder(folder, spec)
+        pipe = _load_folder(folder, spec, dt)
         model = LoadedModel(spec, "tiny", tiny.TINY_MODELS[spec].family, pipe, dev, dt, tiny.TINY_SIZE, folder)
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
-            pipe = _load_folder(path, spec)
+            pipe = _load_folder(path, spec, dt)
             source = "folder"
         elif path.is_file():
-            pipe = _load_single_file(path)
+            pipe = _load_single_file(path, config, dt)
             source = "single-file"
         elif path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin") or spec.startswith((".", "/", "~")):
             raise ModelError(
@@ -129,7 +136,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
                 "a .safetensors/.ckpt checkpoint, or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5"
             )
         elif _HUB_ID.match(spec):
-            pipe = _load_hub(spec)
+            pipe = _load_hub(spec, dt)
             source = "hub"
         else:
             raise ModelError(
@@ -145,13 +152,20 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     model.pipe.set_progress_bar_config(disable=True)
     if getattr(model.pipe, "safety_checker", None) is not None:
         model.pipe.safety_checker = None
-    model.pipe.to(dev, dt)
-    for module in (model.pipe.text_encoder, model.pipe.unet, model.pipe.vae):
+    # Loaded in ``dt`` already: diffusers warns on every ``.to(dtype)``, and converting at load halves the
+    # peak memory of half-precision loads.
+    model.pipe.to(dev)
+    for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
+        module = getattr(model.pipe, name, None)
+        if module is None:
+            continue
+        if module.dtype != dt:  # a component the loader left in its stored dtype
+            torch.nn.Module.to(module, dtype=dt)
         module.requires_grad_(False)
     return model
 
 
-def _load_folder(folder: Path, spec: str):
+def _load_folder(folder: Path, spec: str, dtype: torch.dtype):
     index = folder / "model_index.json"
     if not index.is_file():
         raise ModelError(
@@ -166,22 +180,25 @@ def _load_folder(folder: Path, spec: str):
 
     cls = StableDiffusionXLPipeline if "XL" in class_name else StableDiffusionPipeline
     try:
-        return cls.from_pretrained(folder, local_files_only=True, safety_checker=None, requires_safety_checker=False)
+        with _torch_dtype_accepted():
+            return cls.from_pretrained(folder, local_files_only=True, safety_checker=None,
+                                       requires_safety_checker=False, torch_dtype=dtype)
     except Exception as exc:  # diffusers raises many types for a broken folder
         raise ModelError(f"--model {spec}: cannot load the diffusers folder {folder}: {_short(exc)}") from exc
 
 
-def _load_single_file(path: Path):
+def _load_single_file(path: Path, config: Path | None, dtype: torch.dtype):
     from sdrepl.core.checkpoints import load_single_file
 
-    return load_single_file(path)
+    return load_single_file(path, config=config, dtype=dtype)
 
 
-def _load_hub(spec: str):
+def _load_hub(spec: str, dtype: torch.dtype):
     from diffusers import DiffusionPipeline
 
     try:
-        return DiffusionPipeline.from_pretrained(spec, safety_checker=None)
+        with _torch_dtype_accepted():
+            return DiffusionPipeline.from_pretrained(spec, safety_checker=None, torch_dtype=dtype)
     except Exception as exc:
         raise ModelError(
             f"--model {spec}: cannot load this hub id ({_short(exc)}); without network it must already be in "
@@ -189,6 +206,16 @@ def _load_hub(spec: str):
         ) from exc
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
+@contextmanager
+def _torch_dtype_accepted() -> Iterator[None]:
+    """Newer diffusers renamed ``torch_dtype`` to ``dtype`` (with a FutureWarning); older ones know only the former."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+        yield
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception, cut short: errors are one line, never a dump."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

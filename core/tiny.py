@@ -18,9 +18,12 @@ from pathlib import Path
 
 import torch
 
-#: Bump when the architecture or seed changes, so stale caches are never used.
-TINY_VERSION = 1
+#: Bump when the architecture, seed or tokenizer changes, so stale caches are never used.
+#: 2: tiny-sd2 pads with "!" (id 0) as SD 2.x's OpenCLIP tokenizer does.
+TINY_VERSION = 2
 SEED = 20221122
+#: The tiny UNet's channels per block; single-file checkpoints are recognised as tiny by ``conv_in`` = 32.
+UNET_CHANNELS = (32, 64)
 
 
 @dataclass(frozen=True)
@@ -29,11 +32,12 @@ class TinySpec:
     family: str
     width: int
     heads: int
+    pad_token: str
 
 
 TINY_MODELS = {
-    "tiny": TinySpec("tiny", "sd1", 768, 12),
-    "tiny-sd2": TinySpec("tiny-sd2", "sd2", 1024, 16),
+    "tiny": TinySpec("tiny", "sd1", 768, 12, "<|endoftext|>"),
+    "tiny-sd2": TinySpec("tiny-sd2", "sd2", 1024, 16, "!"),
 }
 
 #: The native picture size of the tiny models (the VAE downsamples by 8, so latents are 8x8).
@@ -45,12 +49,16 @@ def tokenizer_dir() -> Path:
     return Path(str(resources.files("sdrepl.core") / "assets" / "clip-tokenizer"))
 
 
-def load_tokenizer():
-    """The real SD 1.x CLIP tokenizer, from package data (no network)."""
+def load_tokenizer(pad_token: str = "<|endoftext|>"):
+    """The real CLIP tokenizer, from package data (no network).
+
+    SD 1.x pads with the end token; SD 2.x (OpenCLIP) uses the same BPE files but pads with ``"!"`` (id 0).
+    """
     from transformers import CLIPTokenizer
 
     folder = tokenizer_dir()
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77,
+                         pad_token=pad_token)
 
 
 def build_tiny(name: str):
@@ -83,7 +91,7 @@ def build_tiny(name: str):
             sample_size=TINY_SIZE // 8,
             in_channels=4,
             out_channels=4,
-            block_out_channels=(32, 64),
+            block_out_channels=UNET_CHANNELS,
             layers_per_block=1,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -108,7 +116,7 @@ def build_tiny(name: str):
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=load_tokenizer(),
+        tokenizer=load_tokenizer(spec.pad_token),
         unet=unet,
         scheduler=make_scheduler("Euler a", None),
         safety_checker=None,

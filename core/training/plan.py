@@ -1,0 +1,108 @@
+"""What a training run starts from and where it ends, decided before anything is written.
+
+A run starts from NAME's last checkpoint (``--resume``), from the existing embedding NAME (training it
+further), or from ``--init`` text (a new embedding, as ``!create``). Its final file is
+``<first embeddings folder>/<NAME>.safetensors`` (``.pt`` with ``--format pt``). Replacing an existing file
+needs ``--overwrite``, with two exceptions that are the same run continuing: ``--resume`` replacing the
+output its own checkpoint recorded, and an untrained (step 0) file that ``!create`` made for this purpose
+(create, then train: A1111's workflow). All of this is checked here, so a refused run changes nothing.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdrepl.core.create import create_embedding_vectors
+from sdrepl.core.embedding import SINGLE, Embedding
+from sdrepl.core.errors import TrainingError
+from sdrepl.core.training.checkpoint import find_checkpoint, load_checkpoint
+from sdrepl.core.training.options import TrainOptions
+
+
+@dataclass
+class RunPlan:
+    options: TrainOptions
+    log_dir: Path
+    #: The final embedding file.
+    target: Path
+    #: Whether the final write may replace an existing ``target``.
+    replace_ok: bool
+    #: Starting vectors ``[N, D]`` float32 on the CPU.
+    vectors: torch.Tensor
+    init_text: str | None
+    seed: int
+    checkpoint: dict[str, Any] | None = None
+    #: Things the user should know (shown in the job's log / reply).
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def start_step(self) -> int:
+        return int(self.checkpoint["step"]) if self.checkpoint else 0
+
+
+def plan_run(model: Any, options: TrainOptions, *, embeddings_dir: Path, cwd: Path,
+             existing: Embedding | None = None) -> RunPlan:
+    """Decide the run (see module docstring); raise TrainingError when it must not start."""
+    if SINGLE not in model.encoder_widths:
+        raise TrainingError(f"training on {model.label} models (two text encoders) is not supported yet; use an "
+                            "SD 1.x or SD 2.x model")
+    width = model.encoder_widths[SINGLE]
+    checkpoint = None
+    notes: list[str] = []
+    if options.resume:
+        explicit_log = options.resolved_log_dir(cwd) if options.log_dir is not None else None
+        found = find_checkpoint(options.name, cwd, explicit_log)
+        if found is None:
+            where = explicit_log or cwd / "textual_inversion" / "*" / options.name
+            raise TrainingError(f"!train {options.name} --resume: no checkpoint found (looked for {where}/checkpoint.pt); "
+                                "start without --resume, or give the run's --log-dir")
+        checkpoint = load_checkpoint(found)
+        if checkpoint.get("name") != options.name:
+            raise TrainingError(f"--resume: {found} belongs to {checkpoint.get('name')!r}, not {options.name!r}")
+        given = {k: v for k, v in options.to_params().items() if k in options.explicit}
+        options = TrainOptions.from_params({**given, "resume": True}, base=checkpoint.get("options", {}))
+        log_dir = found.parent
+        step = int(checkpoint["step"])
+        if options.steps <= step:
+            raise TrainingError(f"--resume: {options.name} is already at step {step}; give --steps above {step} "
+                                "to train further")
+    else:
+        log_dir = options.resolved_log_dir(cwd)
+    suffix = ".pt" if options.format == "pt" else ".safetensors"
+    target = Path(embeddings_dir) / f"{options.name}{suffix}"
+    own_output = checkpoint is not None and checkpoint.get("output") == str(target)
+    untrained = existing is not None and existing.data.step == 0
+    taken = [str(p) for p in {target, *([existing.path] if existing is not None else [])} if Path(p).exists()]
+    if taken and not (options.overwrite or own_output or untrained):
+        raise TrainingError(
+            f"!train {options.name}: an embedding {options.name!r} already exists ({', '.join(sorted(taken))}) and "
+            "training would replace it; add --overwrite to train it further and replace the file, --resume to "
+            "continue its last run, or choose another name"
+        )
+    if checkpoint is not None:
+        vectors = checkpoint["vectors"].to(torch.float32)
+        init_text = checkpoint.get("init_text")
+        seed = int(checkpoint["seed"])
+        if options.seed is not None and options.seed != seed:
+            notes.append(f"--seed {options.seed} ignored: a resumed run keeps its seed {seed}")
+    else:
+        if existing is not None:
+            if SINGLE not in existing.vectors:
+                raise TrainingError(f"{existing.path}: this embedding has no single-encoder vectors to train")
+            vectors = existing.vectors[SINGLE].detach().to("cpu", torch.float32).clone()
+            init_text = existing.data.init_text
+            if "init" in options.explicit or "vectors" in options.explicit:
+                notes.append(f"--init/--vectors ignored: {options.name} exists, training continues from its vectors")
+        else:
+            vectors = create_embedding_vectors(model, options.init, options.vectors)[SINGLE]
+            init_text = options.init
+        seed = options.seed if options.seed is not None else secrets.randbelow(2**31)
+    if vectors.ndim != 2 or vectors.shape[1] != width:
+        raise TrainingError(f"!train {options.name}: the starting vectors are {list(vectors.shape)}, but this model's "
+                            f"text encoder is {width} wide; train a new name for this model")
+    return RunPlan(options, log_dir, target, bool(taken) or own_output, vectors, init_text, seed, checkpoint, notes)

@@ -1,0 +1,365 @@
+"""The textual-inversion training loop on the resident model.
+
+Only the embedding's ``[N, D]`` vectors are trained: they are spliced into each caption's input
+embeddings by the conditioning's differentiable encoder, while the UNet, VAE and text encoder stay
+frozen (``requires_grad=False``; gradients still flow *through* the text encoder to the vectors). That
+is why a step is cheap: no VAE (latents are encoded once, see dataset.py) and no gradient or optimizer
+state for the 49,408-row token table, which diffusers' example script carries.
+
+:meth:`Trainer.step` is one optimizer step (``--accum`` micro-batches), so the daemon can run generations
+between steps. Every random draw comes from generators the trainer owns and checkpoints; the process'
+global RNG is never used, so generations in between cannot change a run, and a resumed run continues
+bit for bit (on the CPU). A NaN or infinite loss stops the run without saving over the last good
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sdrepl import __version__
+from sdrepl.core.atomic import atomic_writer
+from sdrepl.core.conditioning import encode_prompts
+from sdrepl.core.embedding import SINGLE
+from sdrepl.core.errors import TrainingError
+from sdrepl.core.formats import write_embedding, write_png_card
+from sdrepl.core.prompt import EmbeddingLookup
+from sdrepl.core.training.captions import augment_caption
+from sdrepl.core.training.checkpoint import remove_stale_temps, save_checkpoint
+from sdrepl.core.training.dataset import EpochOrder, TrainingSet, load_dataset
+from sdrepl.core.training.device import autocast, grad_scaler, resolve_precision, set_gradient_checkpointing
+from sdrepl.core.training.outputs import TrainingLog
+from sdrepl.core.training.plan import RunPlan
+from sdrepl.core.training.schedule import parse_schedule
+from sdrepl.core.training.templates import fill_filewords, load_template
+from sdrepl.core.training.text import CaptionEncoder, TrainingLookup, as_prompt, standin
+
+log = logging.getLogger(__name__)
+PREVIEW_STEPS = 20
+PREVIEW_CFG = 7.0
+
+
+class TrainingDiverged(TrainingError):
+    """The loss became NaN or infinite; the run stopped and its last good checkpoint was kept."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: int
+    loss: float
+    lr: float
+    epoch: int
+
+
+class Trainer:
+    """One training run (see module docstring). Build it with a :class:`RunPlan` from ``plan_run``."""
+
+    def __init__(self, model: Any, plan: RunPlan, *, library: EmbeddingLookup | None = None,
+                 offload_vae: bool = False) -> None:
+        self.model = model
+        self.plan = plan
+        self.options = opts = plan.options
+        self.name = opts.name
+        self.pipe = model.pipe
+        self.device: torch.device = model.device
+        self.library = library
+        self.offload_vae = offload_vae and self.device.type != "cpu"
+        self.size = opts.size or (model.native_size, model.native_size)
+        self.schedule = parse_schedule(opts.lr)
+        self.total = self.schedule.total_steps(opts.steps)
+        self.templates = load_template(opts.template)
+        self.precision = resolve_precision(opts.precision, self.device, model.dtype)
+        data = opts.data
+        if data is None:
+            raise TrainingError(f"!train {self.name}: --data DIR is required (the resumed run saved no folder)")
+        self.data: TrainingSet = load_dataset(
+            data, self.size, center_crop=opts.center_crop, flip=opts.flip, latents=opts.latents,
+            filename_regex=opts.filename_regex, join=opts.join,
+        )
+        self.seed = plan.seed
+        self.vectors = torch.nn.Parameter(plan.vectors.to(self.device, torch.float32).clone())
+        self.text = CaptionEncoder(model, self.name, self.vectors, library)
+        self.text.check([fill_filewords(self.templates[0], p.caption) for p in self.data.pictures]
+                        + [fill_filewords(line, self.data.pictures[0].caption) for line in self.templates])
+        for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
+            module.requires_grad_(False)
+        from diffusers import DDPMScheduler
+
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.prediction = self.noise_scheduler.config.get("prediction_type", "epsilon")
+        self.optimizer = torch.optim.AdamW([self.vectors], lr=self.schedule.rate_at(plan.start_step + 1),
+                                           weight_decay=0.0)
+        self.scaler = grad_scaler(self.precision, self.device)
+        self.generator = torch.Generator().manual_seed(self.seed + 2)  # noise, timesteps, flips, random latents
+        self.rng = random.Random(self.seed + 4)  # template lines, tag shuffle/dropout
+        #: Draws of ``--latents once``: seeded alone, so a resumed run re-encodes the same samples.
+        self._encode_generator = torch.Generator().manual_seed(self.seed + 3)  # template lines, tag shuffle/dropout
+        self.order = EpochOrder(len(self.data), opts.repeats, self.seed + 1)
+        self.step_count = plan.start_step
+        self.last_loss: float | None = None
+        self.last_lr = self.schedule.rate_at(self.step_count + 1)
+        self.checkpoint_step: int | None = plan.start_step if plan.checkpoint else None
+        self.wrote_target = False
+        self.failed: str | None = None
+        self.notes = list(plan.notes)
+        if plan.checkpoint is not None:
+            self._restore(plan.checkpoint)
+        stale = remove_stale_temps(plan.log_dir) + remove_stale_temps(plan.target.parent, names=(plan.target.name,))
+        if stale:
+            self.notes.append(f"removed {len(stale)} temporary file(s) left by an interrupted save")
+        self.log = TrainingLog(plan.log_dir, self.name)
+        self.log.open(plan.start_step if plan.checkpoint else None)
+        self.log.write_settings(self._settings())
+        self._checkpointing = bool(opts.gradient_checkpointing) and set_gradient_checkpointing(self.pipe, True)
+
+    # --- state -------------------------------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        return self.step_count >= self.total or self.failed is not None
+
+    @property
+    def epoch(self) -> int:
+        return self.order.epoch
+
+    def current_vectors(self) -> torch.Tensor:
+        return self.vectors.detach().to("cpu", torch.float32).clone()
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        self.rng.setstate(_as_tuple(state["py_random"]))
+        if int(state.get("dataset_count", -1)) == len(self.data) and int(state.get("repeats", -1)) == self.options.repeats:
+            self.order.load_state_dict(state["order"])
+        else:
+            self.notes.append("the training folder changed since the checkpoint: the picture order starts afresh")
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "options": self.options.to_params(), "seed": self.seed, "steps": self.total,
+            "model": self.model.name, "model_hash": self.model.model_hash, "device": str(self.device),
+            "precision": self.precision, "pictures": len(self.data), "size": list(self.size),
+            "output": str(self.plan.target), "init_text": self.plan.init_text, "sdrepl_version": __version__,
+            "started": _dt.datetime.now().isoformat(timespec="seconds"), "resumed_from": self.checkpoint_step,
+        }
+
+    # --- preparation -------------------------------------------------------------------------------
+
+    def prepare_step(self) -> bool:
+        """Encode some more pictures to latents; True while some are left (call before training)."""
+        if self.data.encoded:
+            return False
+        if self.offload_vae:
+            self.pipe.vae.to(self.device)
+        more = self.data.encode_some(self.pipe.vae, self.device, self._encode_generator)
+        if not more and self.offload_vae:
+            self.pipe.vae.to("cpu")  # not needed again until a preview; frees device memory for the run
+        return more
+
+    # --- one step ------------------------------------------------------------------------------------
+
+    def step(self) -> StepResult:
+        """One optimizer step over ``--accum`` micro-batches of ``--batch`` pictures."""
+        if self.finished:
+            raise TrainingError(f"{self.name}: the run is already finished at step {self.step_count}")
+        while self.prepare_step():
+            pass
+        number = self.step_count + 1
+        lr = self.schedule.rate_at(number)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        before = self.vectors.detach().clone()
+        accum = self.options.accum
+        total = 0.0
+        text_encoder = self.pipe.text_encoder
+        if self._checkpointing:
+            text_encoder.train()  # transformers only checkpoints in training mode (CLIP has no dropout)
+        try:
+            for _ in range(accum):
+                loss = self._micro_batch()
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    self._diverged(number, value)
+                total += value
+                scaled = loss / accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            self._clip_and_step()
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self._checkpointing:
+                text_encoder.eval()
+        if not bool(torch.isfinite(self.vectors).all()):
+            with torch.no_grad():
+                self.vectors.copy_(before)
+            self._diverged(number, float("nan"), "the vectors")
+        self.step_count = number
+        self.last_loss = total / accum
+        self.last_lr = lr
+        self.log.log_loss(number, self.order.epoch, self.last_loss, lr)
+        opts = self.options
+        if opts.save_every and number % opts.save_every == 0 and number < self.total:
+            self.save()
+        if opts.preview_every and number % opts.preview_every == 0:
+            self.preview()
+        return StepResult(number, self.last_loss, lr, self.order.epoch)
+
+    def _line(self, index: int) -> str:
+        """A filled template line for picture ``index`` (line and tag augmentation drawn from ``self.rng``)."""
+        line = self.rng.choice(self.templates)
+        words = augment_caption(self.data.pictures[index].caption, self.rng, shuffle=self.options.shuffle_tags,
+                                dropout=self.options.tag_dropout)
+        return fill_filewords(line, words)
+
+    def _micro_batch(self) -> torch.Tensor:
+        indices = self.order.take(self.options.batch)
+        texts = [self._line(i) for i in indices]
+        gen = self.generator
+        flips = (torch.rand(len(indices), generator=gen) < 0.5).tolist() if self.data.flip else [False] * len(indices)
+        latents = torch.stack([self.data.latent(i, f, gen) for i, f in zip(indices, flips, strict=True)])
+        noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (len(indices),), generator=gen)
+        latents, noise, timesteps = (t.to(self.device) for t in (latents, noise, timesteps))
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.prediction == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        unet = self.pipe.unet
+        with autocast(self.precision, self.device):
+            cond = self.text.encode(texts, self.vectors)
+            pred = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=cond.to(unet.dtype)).sample
+        return self.loss_fn(pred.float(), target.float())
+
+    def loss_fn(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean squared error against the noise (or the v-prediction target)."""
+        return F.mse_loss(pred, target, reduction="mean")
+
+    def _clip_and_step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.options.clip_grad is not None:
+            mode, amount = self.options.clip_grad
+            if mode == "value":
+                torch.nn.utils.clip_grad_value_([self.vectors], amount)
+            else:
+                torch.nn.utils.clip_grad_norm_([self.vectors], amount)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def _diverged(self, step: int, value: float, what: str = "the loss") -> None:
+        kept = (f"the last good checkpoint (step {self.checkpoint_step}) is kept in {self.plan.log_dir}"
+                if self.checkpoint_step is not None else "no checkpoint had been saved yet")
+        self.failed = (f"{what} became {value} at step {step}; training stopped and {kept}. Lower --lr, add "
+                       "--clip-grad norm:1, or use --precision fp32/bf16, then --resume or start again")
+        raise TrainingDiverged(f"!train {self.name}: {self.failed}")
+
+    # --- outputs -----------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        """Checkpoint plus ``embeddings/<name>-<step>.safetensors`` in the log folder."""
+        self.save_checkpoint()
+        write_embedding(self.log.embedding_path(self.step_count), {SINGLE: self.current_vectors()}, "safetensors",
+                        name=self.name, step=self.step_count, checkpoint_hash=self.model.model_hash,
+                        checkpoint_name=self.model.name, init_text=self.plan.init_text, overwrite=True)
+
+    def save_checkpoint(self) -> Path | None:
+        """Save a resumable checkpoint of the current step (never after a divergence)."""
+        if self.failed is not None:
+            return None
+        state = {
+            "name": self.name, "step": self.step_count, "vectors": self.current_vectors(),
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+            "generator": self.generator.get_state(), "py_random": _as_list(self.rng.getstate()),
+            "order": self.order.state_dict(), "dataset_count": len(self.data), "repeats": self.options.repeats,
+            "seed": self.seed, "options": self.options.to_params(), "init_text": self.plan.init_text,
+            "output": str(self.plan.target), "loss": self.last_loss, "model_hash": self.model.model_hash,
+        }
+        path = save_checkpoint(self.plan.log_dir, state)
+        self.checkpoint_step = self.step_count
+        return path
+
+    def preview(self) -> Path:
+        """Generate ``images/<name>-<step>.png`` with the current vectors, and its A1111 picture card."""
+        prompt = self.options.preview_prompt
+        text = as_prompt(prompt.replace(f"<{self.name}>", "[name]"), self.name) if prompt else as_prompt(
+            fill_filewords(self.templates[0], self.data.pictures[0].caption), self.name)
+        vectors = self.current_vectors()
+        lookup = TrainingLookup(standin(self.name, vectors), self.library)
+        if self.offload_vae:
+            self.pipe.vae.to(self.device)
+        try:
+            cond = encode_prompts(self.model, text, "", lookup)
+            width, height = self.size
+            image = self.pipe(prompt_embeds=cond.prompt_embeds, negative_prompt_embeds=cond.negative_prompt_embeds,
+                              num_inference_steps=PREVIEW_STEPS, guidance_scale=PREVIEW_CFG, width=width,
+                              height=height, generator=torch.Generator().manual_seed(self.seed)).images[0]
+        finally:
+            if self.offload_vae:
+                self.pipe.vae.to("cpu")
+        path = self.log.image_path(self.step_count)
+        with atomic_writer(path) as tmp:
+            image.save(tmp, format="PNG")
+        write_png_card(self.log.card_path(self.step_count), {SINGLE: vectors}, name=self.name,
+                       step=self.step_count, preview=image, checkpoint_hash=self.model.model_hash,
+                       checkpoint_name=self.model.name, overwrite=True)
+        return path
+
+    def write_final(self) -> Path:
+        """Write the embedding so far to its place in the embeddings folder (atomically)."""
+        path = write_embedding(self.plan.target, {SINGLE: self.current_vectors()}, self.options.format,
+                               name=self.name, step=self.step_count, checkpoint_hash=self.model.model_hash,
+                               checkpoint_name=self.model.name, init_text=self.plan.init_text,
+                               overwrite=self.plan.replace_ok or self.wrote_target)
+        self.wrote_target = True
+        return path
+
+    def finish(self) -> Path:
+        """End of a run (done or stopped): checkpoint, log embedding and the final file; returns its path."""
+        if self.failed is not None:
+            raise TrainingError(f"!train {self.name}: {self.failed}")
+        self.save()
+        return self.write_final()
+
+    def close(self) -> None:
+        """Release what the run holds on the shared model (checkpointing flags, VAE placement, log file)."""
+        self.log.close()
+        if self._checkpointing:
+            set_gradient_checkpointing(self.pipe, False)
+            self._checkpointing = False
+        if self.offload_vae:
+            self.pipe.vae.to(self.device)
+
+
+def _as_list(state: Any) -> Any:
+    """``random.getstate()`` as nested lists (``torch.load(weights_only=True)`` round-trips them)."""
+    return [_as_list(s) for s in state] if isinstance(state, tuple) else state
+
+
+def _as_tuple(state: Any) -> Any:
+    return tuple(_as_tuple(s) for s in state) if isinstance(state, list) else state
+
+
+def start_training(model: Any, plan: RunPlan, *, library: EmbeddingLookup | None = None,
+                   offload_vae: bool = False) -> Trainer:
+    """Build a :class:`Trainer`, logging what was decided."""
+    trainer = Trainer(model, plan, library=library, offload_vae=offload_vae)
+    log.info("training %s: %d pictures, steps %d..%d, seed %d, precision %s, log %s", plan.options.name,
+             len(trainer.data), plan.start_step, trainer.total, trainer.seed, trainer.precision, plan.log_dir)
+    for note in trainer.notes:
+        log.info("training %s: %s", plan.options.name, note)
+    return trainer

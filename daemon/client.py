@@ -1,0 +1,242 @@
+"""The client side of the protocol: what the REPL, ``sdrepl status/stop`` and the tests talk through.
+
+:class:`DaemonClient` is asyncio-based and multiplexes: many requests may be in flight on one connection,
+replies are matched to them by id, and events go to listeners. :func:`request_sync` is a blocking
+one-shot for commands that ask one thing and exit (``status``, ``stop``, the auto-start probe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket as socket_mod
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sdrepl.core.errors import SdreplError
+from sdrepl.daemon import protocol
+
+log = logging.getLogger(__name__)
+
+
+class RemoteError(SdreplError):
+    """An error reply from the daemon; ``type_name`` is the daemon's error type (``PromptError``, ...)."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(message)
+        self._type_name = type_name
+        self.message = message
+
+    @property
+    def type_name(self) -> str:
+        return self._type_name
+
+
+class DaemonUnavailable(SdreplError):
+    """No daemon answers on the socket, or it went away while a request was in flight."""
+
+
+def _no_daemon(socket: Path, why: str = "") -> DaemonUnavailable:
+    extra = f" ({why})" if why else ""
+    return DaemonUnavailable(f"no daemon on {socket}{extra}; start one with `sdrepl serve`")
+
+
+def _error_from_reply(message: dict[str, Any]) -> RemoteError:
+    error = message.get("error") or {}
+    return RemoteError(str(error.get("type", "InternalError")), str(error.get("message", "no message")))
+
+
+class DaemonClient:
+    """One connection to the daemon. Make it with :meth:`connect`; close it with :meth:`close`."""
+
+    def __init__(self, socket: Path, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.socket = socket
+        self.hello: dict[str, Any] = {}
+        self.closed = False
+        self._reader = reader
+        self._writer = writer
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._listeners: list[Callable[[dict], None]] = []
+        self._reader_task: asyncio.Task | None = None
+
+    @classmethod
+    async def connect(cls, socket: Path, *, timeout: float = 5.0, events: bool = True,
+                      client: str = "repl") -> DaemonClient:
+        """Connect and say hello; :class:`DaemonUnavailable` if nothing answers within ``timeout``."""
+        socket = Path(socket)
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(str(socket), limit=protocol.MAX_LINE), timeout)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise _no_daemon(socket) from exc
+        except asyncio.TimeoutError as exc:
+            raise _no_daemon(socket, f"no connection within {timeout:g} s") from exc
+        except OSError as exc:
+            raise _no_daemon(socket, exc.strerror or str(exc)) from exc
+        self = cls(socket, reader, writer)
+        self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
+        try:
+            self.hello = await asyncio.wait_for(
+                self.request("hello", protocol=protocol.PROTOCOL_VERSION, client=client, events=events), timeout)
+        except asyncio.TimeoutError as exc:
+            await self.close()
+            raise DaemonUnavailable(f"the daemon on {socket} did not answer hello within {timeout:g} s; it may "
+                                    "be stuck: see its log, or `sdrepl stop` it") from exc
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    def add_event_listener(self, callback: Callable[[dict], None]) -> None:
+        """Call ``callback(event)`` on the loop for every event message (a listener's error is logged)."""
+        self._listeners.append(callback)
+
+    def start(self, type: str, **params: Any) -> tuple[int, asyncio.Future]:
+        """Send a request now; return its id (for :meth:`cancel`) and a future of its result."""
+        if self.closed:
+            raise DaemonUnavailable(f"the connection to the daemon on {self.socket} is closed")
+        request_id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            self._writer.write(protocol.encode(protocol.request(request_id, type, **params)))
+        except (OSError, RuntimeError) as exc:
+            self._pending.pop(request_id, None)
+            raise DaemonUnavailable(f"daemon went away ({exc})") from exc
+        return request_id, future
+
+    async def request(self, type: str, **params: Any) -> dict[str, Any]:
+        """Send a request and wait for its result; :class:`RemoteError` on an error reply."""
+        _, future = self.start(type, **params)
+        return await future
+
+    async def cancel(self, request_id: int) -> bool:
+        """Cancel an in-flight request of this connection; True if the daemon still had it."""
+        result = await self.request("cancel", request=request_id)
+        return bool(result.get("cancelled"))
+
+    async def close(self) -> None:
+        if self._reader_task is not None and not self._reader_task.done():
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader_task
+        self._mark_closed("the client closed the connection")
+        with contextlib.suppress(Exception):
+            self._writer.close()
+            await asyncio.wait_for(self._writer.wait_closed(), 1.0)
+
+    async def __aenter__(self) -> DaemonClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # --- reading -----------------------------------------------------------------------------------
+
+    def _mark_closed(self, why: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(DaemonUnavailable(f"daemon went away ({why})"))
+
+    async def _read_loop(self) -> None:
+        why = "the connection was closed"
+        try:
+            while True:
+                try:
+                    line = await self._reader.readline()
+                except (asyncio.LimitOverrunError, ValueError):
+                    why = "a message longer than the protocol limit"
+                    break
+                if not line:
+                    break
+                try:
+                    message = protocol.decode(line)
+                except protocol.BadRequest:
+                    log.warning("ignoring a line from the daemon that is not a JSON object: %.200r", line)
+                    continue
+                self._dispatch(message)
+        except (ConnectionError, OSError) as exc:
+            why = str(exc) or type(exc).__name__
+        finally:
+            self._mark_closed(why)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        if protocol.is_event(message):
+            for listener in list(self._listeners):
+                try:
+                    listener(message)
+                except Exception:
+                    log.exception("event listener %r failed", listener)
+            return
+        future = self._pending.pop(message.get("id"), None)  # type: ignore[arg-type]
+        if future is None or future.done():
+            if message.get("id") is not None:
+                log.warning("a reply for unknown request id %r", message.get("id"))
+            else:
+                log.warning("the daemon rejected a message: %s", (message.get("error") or {}).get("message"))
+            return
+        if message.get("ok"):
+            future.set_result(message.get("result") or {})
+        else:
+            future.set_exception(_error_from_reply(message))
+
+
+def request_sync(socket: Path, type: str, timeout: float = 10.0, **params: Any) -> dict[str, Any]:
+    """Connect, say hello (no events), send one request, return its result; blocking.
+
+    :class:`DaemonUnavailable` when nothing answers within ``timeout``; :class:`RemoteError` on an error
+    reply. Usable from any thread, including one running an event loop.
+    """
+    socket = Path(socket)
+    deadline = time.monotonic() + timeout
+    sock = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(socket))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise _no_daemon(socket) from exc
+        except OSError as exc:
+            raise _no_daemon(socket, exc.strerror or str(exc)) from exc
+        hello = protocol.request(0, "hello", protocol=protocol.PROTOCOL_VERSION, client=f"sync-{os.getpid()}",
+                                 events=False)
+        sock.sendall(protocol.encode(hello) + protocol.encode(protocol.request(1, type, **params)))
+        buffer = b""
+        while True:
+            while b"\n" not in buffer:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DaemonUnavailable(f"the daemon on {socket} did not answer {type!r} within {timeout:g} s")
+                sock.settimeout(remaining)
+                try:
+                    chunk = sock.recv(1 << 16)
+                except TimeoutError as exc:
+                    raise DaemonUnavailable(
+                        f"the daemon on {socket} did not answer {type!r} within {timeout:g} s") from exc
+                except OSError as exc:
+                    raise DaemonUnavailable(f"daemon went away ({exc})") from exc
+                if not chunk:
+                    raise DaemonUnavailable(f"daemon went away before answering {type!r}")
+                buffer += chunk
+            line, buffer = buffer.split(b"\n", 1)
+            message = protocol.decode(line)
+            if not protocol.is_reply(message):
+                continue
+            if message.get("id") == 0 and not message.get("ok"):
+                raise _error_from_reply(message)
+            if message.get("id") == 1:
+                if message.get("ok"):
+                    return message.get("result") or {}
+                raise _error_from_reply(message)
+    finally:
+        sock.close()

@@ -1,0 +1,217 @@
+"""Thin handlers for the small requests: unpack the parameters, call the real work, return the result.
+
+``hello``, ``ping``, ``status``, ``tokens``, ``embeddings``, ``show``, ``reload``, ``convert``, ``cancel``
+and ``shutdown`` (``generate`` is in ``generation.py``, training in ``training_handlers.py``). Library
+calls that read files run in a worker thread (never on the event loop, never on the device thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import time
+from typing import Any
+
+from sdrepl import __version__
+from sdrepl.core.budget import prompt_budget
+from sdrepl.core.embedding import Embedding
+from sdrepl.core.errors import PromptError
+from sdrepl.core.prompt import PromptOptions
+from sdrepl.daemon.context import DaemonContext
+from sdrepl.daemon.params import Params
+from sdrepl.daemon.protocol import PROTOCOL_VERSION, BadRequest, ProtocolMismatch, valid_id
+from sdrepl.daemon.registry import Request, handler
+
+
+def memory_info(device: Any = None) -> dict[str, float | None]:
+    """Resident memory of the daemon, and CUDA memory when CUDA is in use (MiB)."""
+    rss = None
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) / 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak, Linux KiB
+    allocated = peak = None
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            index = getattr(device, "index", None)
+            index = torch.cuda.current_device() if index is None else index
+            allocated = torch.cuda.memory_allocated(index) / 2**20
+            peak = torch.cuda.max_memory_allocated(index) / 2**20
+    except Exception:  # memory figures are informative only
+        pass
+    return {"rss_mb": _round(rss), "cuda_allocated_mb": _round(allocated), "cuda_peak_mb": _round(peak)}
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def training_summary(ctx: DaemonContext) -> dict[str, Any] | None:
+    """The ``<job>`` object of the training job in ``ctx.training`` (its ``describe()``), or None."""
+    job = ctx.training
+    if job is None:
+        return None
+    if isinstance(job, dict):
+        return job
+    for name in ("describe", "as_dict", "to_dict", "snapshot"):
+        method = getattr(job, name, None)
+        if callable(method):
+            try:
+                return method()
+            except Exception:
+                return {"state": "unknown", "error": f"{type(job).__name__}.{name}() failed"}
+    return {"state": "unknown"}
+
+
+def status_result(ctx: DaemonContext) -> dict[str, Any]:
+    residency = ctx.residency
+    model = residency.model if residency is not None else None
+    return {
+        "pid": os.getpid(),
+        "version": __version__,
+        "protocol": PROTOCOL_VERSION,
+        "socket": str(ctx.settings.socket),
+        "uptime_s": round(time.time() - ctx.started, 3),
+        "state": ctx.model_state,
+        "model": residency.description if residency is not None else None,
+        "memory": memory_info(model.device if model is not None else None),
+        "embeddings": {"loaded": len(ctx.library.embeddings()), "skipped": len(ctx.library.skipped()),
+                       "folders": [str(f) for f in ctx.library.folders]},
+        "queue": {"pending": ctx.worker.pending, "running": ctx.worker.running},
+        "training": training_summary(ctx),
+        "clients": ctx.clients,
+        "keep_alive_s": ctx.settings.keep_alive,
+        "outputs": str(ctx.settings.outputs),
+    }
+
+
+def find_embedding(ctx: DaemonContext, name: str, request_type: str) -> Embedding:
+    """The embedding called ``name``, or a PromptError with close names."""
+    emb = ctx.library.get(name)
+    if emb is None:
+        close = ctx.library.suggest(name)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; `!embeddings` lists the loaded ones"
+        raise PromptError(f"{request_type}: no loaded embedding is called {name!r}{hint}")
+    return emb
+
+
+@handler("hello")
+async def hello(ctx: DaemonContext, params: dict, req: Request) -> dict:
+    p = Params(params, "hello")
+    protocol = p.int("protocol")
+    client = p.str("client", "")
+    events = p.bool("events", True)
+    p.finish()
+    if protocol != PROTOCOL_VERSION:
+        raise ProtocolMismatch(
+            f"the client speaks protocol {protocol} but this daemon (sdrepl {__version__}, pid {os.getpid()}) "
+            f"speaks {PROTOCOL_VERSION}; restart the daemon with the same sdrepl as the client (`sdrepl stop`)")
+    conn = req.connection
+    conn.client = client or "?"  # type: ignore[attr-defined]
+    conn.subscribed = events  # type: ignore[attr-defined]
+    return {"protocol": PROTOCOL_VERSION, "version": __version__, "pid": os.getpid(), "state": ctx.model_state,
+            "model": ctx.residency.description if ctx.residency is not None else None}
+
+
+@handler("ping")
+async def ping(ctx: DaemonContext, params: dict, req: Request) -> dict:
+    Params(params, "ping").finish()
+    return {}
+
+
+@handler("status")
+async def status(ctx: DaemonContext, params: dict, req: Request) -> dict:
+    Params(params, "status").finish()
+    return status_result(ctx)
+
+
+@handler("tokens")
+async def tokens(ctx: DaemonContext, params: dict, req: Request) -> dict:
+    """The token budget; uses the resident tokenizer, so it neither wakes nor keeps the model loaded."""
+    p = Params(params, "tokens")
+    prompt = p.str("prompt")
+    negative = p.str("negative", "")
+    clip_skip = p.int("clip_skip", 1, lo=1, hi=12)
+    p.finish()
+    assert ctx.residency is not None
+    options = PromptOptions(clip_skip=clip_skip)
+    return await asyncio.to_thread(prompt_budget, prompt, negative, ctx.residency.tokenizer, ctx.library, options)
+
+
+@handler("embeddings")
+async def embeddings(ctx: DaemonContext, params: dict, req: Request) -> dict:
+    Params(params, "embeddings").finish()
+    lib = ctx.library
+    version = lib.version
+    return {"embeddings": [e.describe() for e in lib.embeddings()], "skipped": [s.describe() for s in lib.skipped()],
+            "warnings": lib.warnings(), "version": version}
+
+
+@handler("show")
+async def show(ctx: DaemonContext, params: dict, req: Request) -> dict:
+    p = Params(params, "show")
+    name = p.str("name")
+    p.finish()
+    emb = find_embedding(ctx, name, "show")
+    norms: dict[str, list[float]] = {key: [round(float(v), 6) for v in t.float().norm(dim=1)]
+                                     for key, t in emb.vectors.items()}
+    result = emb.describe()
+    result.update({
+        "sha256": emb.sha256,
+        "norms": next(iter(norms.values())) if len(norms) == 1 else norms,
+        "size": emb.size,
+        "mtime": emb.mtime_ns / 1e9 if emb.mtime_ns else None,
+        "warnings": list(emb.warnings),
+    })
+    return result
+
+
+@handler("reload")
+async def reload(ctx: DaemonContext, params: dict, req: Request) -> dict:
+    Params(params, "reload").finish()
+    change = await asyncio.to_thread(ctx.library.scan)
+    ctx.apply_library_change(change)
+    return {"change": change.describe(), "version": ctx.library.version}
+
+
+@handler("convert")
+async def convert(ctx: DaemonContext, params: dict, req: Request) -> dict:
+    from sdrepl.core.convert import TARGETS, convert_embedding
+
+    p = Params(params, "convert")
+    name = p.str("name")
+    to = p.str("to", choices=TARGETS)
+    overwrite = p.bool("overwrite", False)
+    p.finish()
+
+    emb = find_embedding(ctx, name, "convert")
+    path = await asyncio.to_thread(convert_embedding, emb, to, overwrite=overwrite)
+    return {"path": str(path)}
+
+
+@handler("cancel")
+async def cancel(ctx: DaemonContext, params: dict, req: Request) -> dict:
+    p = Params(params, "cancel")
+    target = p.raw("request")
+    p.finish()
+    if not valid_id(target):
+        raise BadRequest(f"cancel: parameter 'request' must be the id (integer or string) of a request in flight "
+                         f"on this connection, got {target!r}")
+    if target == req.id:
+        return {"cancelled": False}
+    return {"cancelled": bool(req.connection.cancel_request(target))}  # type: ignore[attr-defined]
+
+
+@handler("shutdown")
+async def shutdown(ctx: DaemonContext, params: dict, req: Request) -> dict:
+    Params(params, "shutdown").finish()
+    client = getattr(req.connection, "client", "?")
+    ctx.loop.call_soon(ctx.request_shutdown, f"shutdown requested by client {client}")
+    return {"stopping": True}

@@ -1,0 +1,95 @@
+"""The wire format of the daemon protocol (``docs/protocol.md``): framing, message shapes, error types.
+
+One JSON object per ``\\n``-terminated UTF-8 line, at most :data:`MAX_LINE` bytes. Both ends (server and
+client) build and parse messages only through this module, so the document and the code have one place
+to agree. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sdrepl.core.errors import SdreplError
+
+#: The protocol's number; bump it for a change an old client cannot ignore (see docs/protocol.md).
+PROTOCOL_VERSION = 1
+#: Longest accepted line, newline included (a generous cap so a runaway client cannot eat the memory).
+MAX_LINE = 16 * 1024 * 1024
+
+
+class BadRequest(SdreplError):
+    """A message that is not a valid request: not JSON, not an object, no id, or a bad parameter."""
+
+
+class UnknownRequest(SdreplError):
+    """A request ``type`` the daemon does not know (the message lists the ones it does)."""
+
+
+class ProtocolMismatch(SdreplError):
+    """The client speaks another protocol version than the daemon."""
+
+
+class Cancelled(SdreplError):
+    """The request was cancelled (by ``cancel``, by its client going away, or by shutdown)."""
+
+
+class Busy(SdreplError):
+    """The daemon cannot take this request now (e.g. it is shutting down)."""
+
+
+class InternalError(SdreplError):
+    """A bug in the daemon; the message says where the traceback was logged."""
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """One message as a protocol line. Non-JSON values (paths, numpy numbers) are sent as strings."""
+    return (json.dumps(message, ensure_ascii=False, separators=(",", ":"), default=str) + "\n").encode("utf-8")
+
+
+def decode(line: bytes | str) -> dict[str, Any]:
+    """Parse one line (with or without its newline) into a message object, or raise :class:`BadRequest`."""
+    try:
+        text = line.decode("utf-8") if isinstance(line, bytes) else line
+        message = json.loads(text)
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"a line is not UTF-8 ({exc.reason} at byte {exc.start}); send UTF-8 JSON") from exc
+    except ValueError as exc:
+        raise BadRequest(f"a line is not JSON ({exc}); send one JSON object per line") from exc
+    if not isinstance(message, dict):
+        raise BadRequest(f"a line is JSON but a {type(message).__name__}, not an object; send {{\"id\": ..., "
+                         "\"type\": ...}")
+    return message
+
+
+def valid_id(value: Any) -> bool:
+    """Request ids are ints or strings (bool is not an int here: ``true`` is not an id)."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or isinstance(value, str)
+
+
+def request(request_id: int | str, type_name: str, **params: Any) -> dict[str, Any]:
+    return {"id": request_id, "type": type_name, **params}
+
+
+def reply_ok(request_id: int | str | None, result: dict[str, Any]) -> dict[str, Any]:
+    return {"id": request_id, "type": "reply", "ok": True, "result": result}
+
+
+def reply_error(request_id: int | str | None, error_type: str, message: str) -> dict[str, Any]:
+    return {"id": request_id, "type": "reply", "ok": False, "error": {"type": error_type, "message": message}}
+
+
+def reply_exception(request_id: int | str | None, exc: SdreplError) -> dict[str, Any]:
+    return reply_error(request_id, exc.type_name, str(exc))
+
+
+def event(name: str, **fields: Any) -> dict[str, Any]:
+    return {"type": "event", "event": name, **fields}
+
+
+def is_reply(message: dict[str, Any]) -> bool:
+    return message.get("type") == "reply"
+
+
+def is_event(message: dict[str, Any]) -> bool:
+    return message.get("type") == "event"

@@ -1,0 +1,302 @@
+"""The asyncio Unix-socket server: connections, framing, dispatch, and events fanned out to clients.
+
+Every request becomes its own task, so replies come in any order and a slow generation never holds up a
+``tokens`` or ``cancel`` on the same connection. Every request gets exactly one reply: the handler's
+result, its :class:`SdreplError` as an error reply, or ``InternalError`` (traceback to the log, never to
+the client). A bad line gets an error reply and the connection stays open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from sdrepl.core.errors import SdreplError
+from sdrepl.daemon import protocol
+from sdrepl.daemon.context import DaemonContext
+from sdrepl.daemon.protocol import BadRequest, Cancelled, InternalError, UnknownRequest
+from sdrepl.daemon.registry import Request, known_types, lookup
+
+log = logging.getLogger(__name__)
+
+#: Modules whose ``@handler`` registrations make up the protocol; optional ones may not exist yet.
+HANDLER_MODULES = ("sdrepl.daemon.handlers", "sdrepl.daemon.generation")
+OPTIONAL_HANDLER_MODULES = ("sdrepl.daemon.training_handlers",)
+#: Above this many bytes waiting to be written to one client, its events are dropped (replies never are).
+EVENT_BACKLOG_LIMIT = 32 * 1024 * 1024
+READ_CHUNK = 1 << 18
+
+
+def load_handlers() -> None:
+    """Import the handler modules so their ``@handler`` decorators register (optional ones if present)."""
+    for name in HANDLER_MODULES:
+        importlib.import_module(name)
+    for name in OPTIONAL_HANDLER_MODULES:
+        if importlib.util.find_spec(name) is None:
+            log.info("%s is not installed; its requests are unknown", name)
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception:  # a broken optional module must not take generation down with it
+            log.exception("cannot import %s; its requests are unknown", name)
+
+
+class Connection:
+    """One client. Its in-flight requests are cancelled when it goes away."""
+
+    def __init__(self, server: DaemonServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 number: int) -> None:
+        self.server = server
+        self.ctx = server.ctx
+        self.reader = reader
+        self.writer = writer
+        self.number = number
+        self.client = "?"
+        self.subscribed = False
+        self.closed = False
+        self.inflight: dict[int | str, tuple[Request, asyncio.Task]] = {}
+        self._dropped_events = 0
+
+    # --- sending (loop thread unless said otherwise) ----------------------------------------------------
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.send_bytes(protocol.encode(message), is_event=message.get("type") == "event")
+
+    def send_bytes(self, data: bytes, *, is_event: bool = False) -> None:
+        if self.closed or self.writer.is_closing():
+            return
+        transport = self.writer.transport
+        if is_event and transport.get_write_buffer_size() > EVENT_BACKLOG_LIMIT:
+            self._dropped_events += 1
+            if self._dropped_events == 1:
+                log.warning("client %s is not reading; dropping its events", self.label)
+            return
+        try:
+            self.writer.write(data)
+        except (ConnectionError, RuntimeError):
+            self.closed = True
+
+    def send_event(self, event: str, **fields: Any) -> None:
+        """An event for this connection only (thread-safe), if it subscribed to events."""
+        message = protocol.event(event, **fields)
+        self.ctx.call_soon(lambda: self.subscribed and self.send(message))
+
+    @property
+    def label(self) -> str:
+        return f"#{self.number} ({self.client})"
+
+    # --- cancelling ----------------------------------------------------------------------------------
+
+    def cancel_request(self, request_id: int | str) -> bool:
+        """Tell an in-flight request to stop; queued device work is dropped at once. True if it was found."""
+        entry = self.inflight.get(request_id)
+        if entry is None or entry[1].done():
+            return False
+        req, _ = entry
+        req.cancel_event.set()
+        self.ctx.worker.discard(req.cancel_event)
+        return True
+
+    def cancel_all(self, *, abandon: bool) -> None:
+        """Cancel every in-flight request; ``abandon`` (the client is gone) also stops waiting for replies."""
+        for request_id, (_, task) in list(self.inflight.items()):
+            self.cancel_request(request_id)
+            if abandon:
+                task.cancel()
+
+    # --- reading -------------------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Read lines until the client goes away (lines over the limit are refused and skipped)."""
+        buffer = bytearray()
+        discarding = False
+        try:
+            while True:
+                chunk = await self.reader.read(READ_CHUNK)
+                if not chunk:
+                    break
+                searched = len(buffer)  # what was already in the buffer holds no newline
+                buffer += chunk
+                end = buffer.find(b"\n", searched)
+                while end >= 0:
+                    line = bytes(buffer[:end])
+                    del buffer[: end + 1]
+                    if discarding:
+                        discarding = False
+                    elif end >= protocol.MAX_LINE:
+                        self._overlong()
+                    else:
+                        self.on_line(line)
+                    end = buffer.find(b"\n")
+                if len(buffer) >= protocol.MAX_LINE:
+                    if not discarding:
+                        self._overlong()
+                    buffer.clear()
+                    discarding = True
+        except (ConnectionError, OSError) as exc:
+            log.debug("connection %s: %s", self.label, exc)
+        finally:
+            self.closed = True
+            self.cancel_all(abandon=True)
+            with contextlib.suppress(Exception):
+                self.writer.close()
+
+    def _overlong(self) -> None:
+        self.send(protocol.reply_error(None, "BadRequest", f"a line is longer than the protocol's "
+                                       f"{protocol.MAX_LINE} bytes (newline included); it was skipped"))
+
+    def on_line(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            message = protocol.decode(line)
+        except BadRequest as exc:
+            self.send(protocol.reply_exception(None, exc))
+            return
+        request_id = message.get("id")
+        if not protocol.valid_id(request_id):
+            what = "has no \"id\"" if "id" not in message else f"has an id of the wrong kind ({request_id!r})"
+            self.send(protocol.reply_error(None, "BadRequest", f"a request {what}; give each request an integer "
+                                           "or string id (replies carry it back)"))
+            return
+        type_name = message.get("type")
+        if not isinstance(type_name, str) or not type_name:
+            self.send(protocol.reply_error(request_id, "BadRequest", "a request needs a \"type\" (a string), e.g. "
+                                           "\"ping\""))
+            return
+        spec = lookup(type_name)
+        if spec is None:
+            self.send(protocol.reply_exception(request_id, UnknownRequest(
+                f"unknown request type {type_name!r}; known types: {', '.join(known_types())}")))
+            return
+        if request_id in self.inflight:
+            self.send(protocol.reply_error(request_id, "BadRequest", f"request id {request_id!r} is already in use "
+                                           "by a request in flight on this connection; use a new id"))
+            return
+        params = {k: v for k, v in message.items() if k not in ("id", "type")}
+        req = Request(request_id, type_name, self)
+        task = asyncio.get_running_loop().create_task(self._run(spec.fn, params, req))
+        self.inflight[request_id] = (req, task)
+
+    async def _run(self, fn: Any, params: dict[str, Any], req: Request) -> None:
+        reply: dict[str, Any] | None = None
+        try:
+            if self.server.stopping and req.type not in ("status", "ping", "hello", "cancel", "shutdown"):
+                raise protocol.Busy("the daemon is shutting down and takes no new requests")
+            result = await fn(self.ctx, params, req)
+            if not isinstance(result, dict):
+                raise TypeError(f"handler for {req.type!r} returned {type(result).__name__}, not a dict")
+            reply = protocol.reply_ok(req.id, result)
+        except SdreplError as exc:
+            reply = protocol.reply_exception(req.id, exc)
+        except asyncio.CancelledError:
+            if not self.closed:  # shutdown: still answer
+                reply = protocol.reply_exception(req.id, Cancelled("the daemon is shutting down"))
+        except Exception as exc:
+            log.exception("request %s %r of client %s failed", req.type, req.id, self.label)
+            reply = protocol.reply_exception(req.id, InternalError(
+                f"{req.type}: internal error ({type(exc).__name__}: {str(exc)[:200]}); the traceback is in "
+                f"{self.ctx.log_hint}"))
+        finally:
+            self.inflight.pop(req.id, None)
+        if reply is not None:
+            self.send(reply)
+
+
+class DaemonServer:
+    """Listens on the socket and owns the connections."""
+
+    def __init__(self, ctx: DaemonContext) -> None:
+        self.ctx = ctx
+        self.connections: set[Connection] = set()
+        self.stopping = False
+        self.stopped = asyncio.Event()
+        self._server: asyncio.AbstractServer | None = None
+        self._numbers = 0
+        self._shutdown_reason: str | None = None
+        self._conn_tasks: set[asyncio.Task] = set()
+
+    async def listen(self, socket: Path) -> None:
+        """Bind the socket owner-only (umask while binding, so there is no window) and start accepting."""
+        socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._accept, path=str(socket),
+                                                           limit=protocol.MAX_LINE)
+        finally:
+            os.umask(old_umask)
+        os.chmod(socket, 0o600)
+        self.ctx.bind(broadcast=self.broadcast, request_shutdown=self.request_shutdown,
+                      client_count=lambda: len(self.connections))
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._numbers += 1
+        conn = Connection(self, reader, writer, self._numbers)
+        if self.stopping:
+            writer.close()
+            return
+        self.connections.add(conn)
+        task = asyncio.current_task()
+        if task is not None:
+            self._conn_tasks.add(task)
+        try:
+            await conn.serve()
+        finally:
+            self.connections.discard(conn)
+            if task is not None:
+                self._conn_tasks.discard(task)
+
+    def broadcast(self, message: dict[str, Any]) -> None:
+        """Send an event to every subscribed connection (loop thread; use ``ctx.broadcast`` elsewhere)."""
+        data = protocol.encode(message)
+        for conn in list(self.connections):
+            if conn.subscribed:
+                conn.send_bytes(data, is_event=True)
+
+    def request_shutdown(self, reason: str) -> None:
+        if self._shutdown_reason is None:
+            self._shutdown_reason = reason
+            log.info("shutting down: %s", reason)
+            self.stopping = True
+            self.stopped.set()
+
+    @property
+    def shutdown_reason(self) -> str | None:
+        return self._shutdown_reason
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def drain_requests(self, grace: float) -> None:
+        """Let in-flight requests finish for ``grace`` seconds, then cancel them (they reply Cancelled)."""
+        tasks = [task for conn in self.connections for _, task in conn.inflight.values()]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            if pending:
+                for conn in list(self.connections):
+                    conn.cancel_all(abandon=False)
+                _, pending = await asyncio.wait(pending, timeout=max(grace, 2.0))
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    await asyncio.wait(pending, timeout=1.0)
+
+    async def close_connections(self) -> None:
+        for conn in list(self.connections):
+            with contextlib.suppress(Exception):
+                if conn.writer.can_write_eof():
+                    conn.writer.write_eof()
+            conn.writer.close()
+        for conn in list(self.connections):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.writer.wait_closed(), 1.0)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)

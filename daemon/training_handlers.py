@@ -1,0 +1,176 @@
+"""The training requests: ``create``, ``train``, ``train_status``, ``train_pause|resume|stop``, ``preprocess``.
+
+Thin handlers (see ``registry.py``): they check parameters, build the work from ``sdrepl.core.training``
+and hand device work to the worker. One training job at a time: a second ``train`` while one is active is
+answered with ``Busy``, naming the running job. While a job exists the model is held resident (keep-alive
+does not unload it under a paused run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+
+from sdrepl.core.create import create_embedding_vectors
+from sdrepl.core.embedding import Embedding
+from sdrepl.core.errors import EmbeddingError, TrainingError
+from sdrepl.core.formats import write_embedding
+from sdrepl.core.training.options import ENVELOPE, TrainOptions, check_name
+from sdrepl.core.training.plan import plan_run
+from sdrepl.core.training.preprocess import CROPS, preprocess
+from sdrepl.core.training.trainer import start_training
+from sdrepl.daemon.context import DaemonContext
+from sdrepl.daemon.params import Params
+from sdrepl.daemon.protocol import BadRequest, Busy
+from sdrepl.daemon.registry import Request, handler
+from sdrepl.daemon.training_job import TrainingJob
+
+CREATE_FORMATS = ("safetensors", "pt")
+
+
+def current_job(ctx: DaemonContext) -> TrainingJob | None:
+    job = ctx.training
+    return job if isinstance(job, TrainingJob) else None
+
+
+def active_job(ctx: DaemonContext, request: str) -> TrainingJob:
+    job = current_job(ctx)
+    if job is None:
+        raise TrainingError(f"{request}: no training job; start one with !train NAME --data DIR")
+    return job
+
+
+def first_folder(ctx: DaemonContext) -> Path:
+    return Path(ctx.settings.embeddings[0])
+
+
+def embedding_at(ctx: DaemonContext, path: Path, name: str) -> Embedding | None:
+    """The library's embedding for ``path`` (by path: a name may be taken by a file in another folder)."""
+    target = Path(os.path.abspath(path))
+    for emb in ctx.library.embeddings():
+        if Path(os.path.abspath(emb.path)) == target:
+            return emb
+    return ctx.library.get(name)
+
+
+@handler("create")
+async def create(ctx: DaemonContext, params: dict, req: Request) -> dict:
+    p = Params(params, "create")
+    name = check_name(p.str("name"), "!create")
+    init = p.str("init", "*")
+    vectors = p.int("vectors", 1, lo=1, hi=75)
+    overwrite = p.bool("overwrite", False)
+    fmt = p.str("format", "safetensors", choices=CREATE_FORMATS)
+    p.finish()
+    path = first_folder(ctx) / f"{name}.{fmt}"
+    existing = ctx.library.get(name)
+    if existing is not None and not overwrite:
+        raise EmbeddingError(existing.path, f"an embedding named {name!r} already exists; pass --overwrite to "
+                             "replace it, or choose another name")
+    assert ctx.residency is not None
+    async with ctx.residency.using() as model:
+        data = await ctx.worker.run(lambda: create_embedding_vectors(model, init, vectors), label="create")
+        model_hash = await asyncio.to_thread(lambda: model.model_hash)
+    written = await asyncio.to_thread(write_embedding, path, data, fmt, name=name, step=0,
+                                      checkpoint_hash=model_hash, checkpoint_name=model.name, init_text=init,
+                                      overwrite=overwrite)
+    change = await asyncio.to_thread(ctx.library.update_path, written)
+    ctx.apply_library_change(change)
+    emb = embedding_at(ctx, written, name)
+    if emb is None:
+        raise EmbeddingError(written, "was written but the library did not load it; see !embeddings for why")
+    return {"embedding": emb.describe(), "path": str(written)}
+
+
+@handler("train")
+async def train(ctx: DaemonContext, params: dict, req: Request) -> dict:
+    wait = params.get("wait", False)
+    if not isinstance(wait, bool):
+        raise BadRequest(f"train: parameter 'wait' must be true or false, got {wait!r}")
+    options = TrainOptions.from_params({k: v for k, v in params.items() if k not in ENVELOPE})
+    running = current_job(ctx)
+    if running is not None and running.active:
+        info = running.describe()
+        raise Busy(f"train: the job {info['name']!r} is {info['state']} at step {info['step']}/{info['total']}; one "
+                   "job at a time: wait for it, or !train stop it first")
+    assert ctx.residency is not None
+    resources = contextlib.AsyncExitStack()
+    try:
+        model = await resources.enter_async_context(ctx.residency.using())
+        folder = first_folder(ctx)
+        existing = embedding_at(ctx, folder / f"{options.name}.{options.format}", options.name)
+        cwd = Path.cwd()
+
+        def build():
+            plan = plan_run(model, options, embeddings_dir=folder, cwd=cwd, existing=existing)
+            return start_training(model, plan, library=ctx.library)
+
+        trainer = await ctx.worker.run(build, label="train setup")
+    except BaseException:
+        await resources.aclose()
+        raise
+    running = current_job(ctx)
+    if running is not None and running.active:  # another train request won the race while we set up
+        await ctx.worker.run(trainer.close, label="train setup")
+        await resources.aclose()
+        raise Busy(f"train: the job {running.name!r} started meanwhile; one job at a time")
+    job = TrainingJob(ctx, trainer, resources=resources)
+    ctx.training = job
+    job.start()
+    if not wait:
+        return {"job": job.describe()}
+    state = await job.wait_for(())
+    if state == "failed":
+        raise TrainingError(f"!train {job.name}: {job.error}")
+    return job.result()
+
+
+@handler("train_status")
+async def train_status(ctx: DaemonContext, params: dict, req: Request) -> dict:
+    Params(params, "train_status").finish()
+    job = current_job(ctx)
+    return {"job": job.describe() if job is not None else None}
+
+
+@handler("train_pause")
+async def train_pause(ctx: DaemonContext, params: dict, req: Request) -> dict:
+    Params(params, "train_pause").finish()
+    job = active_job(ctx, "train_pause")
+    await job.pause()
+    return {"job": job.describe()}
+
+
+@handler("train_resume")
+async def train_resume(ctx: DaemonContext, params: dict, req: Request) -> dict:
+    Params(params, "train_resume").finish()
+    job = active_job(ctx, "train_resume")
+    if not job.active:
+        raise TrainingError(f"train_resume: the job {job.name!r} has ended ({job.state}); to continue it, "
+                            f"!train {job.name} --resume --steps N")
+    job.resume()
+    return {"job": job.describe()}
+
+
+@handler("train_stop")
+async def train_stop(ctx: DaemonContext, params: dict, req: Request) -> dict:
+    Params(params, "train_stop").finish()
+    job = active_job(ctx, "train_stop")
+    await job.stop()
+    return {"job": job.describe()}
+
+
+@handler("preprocess", needs_ready=False)
+async def preprocess_request(ctx: DaemonContext, params: dict, req: Request) -> dict:
+    p = Params(params, "preprocess")
+    src = p.str("src")
+    dst = p.str("dst")
+    native = ctx.residency.description.get("native_size") if ctx.residency is not None else None
+    size = p.int("size", None, lo=64, hi=4096, nullable=True) or int(native or 512)
+    crop = p.str("crop", "center", choices=CROPS)
+    flip = p.bool("flip", False)
+    caption = p.bool("caption", False)
+    p.finish()
+    report = await asyncio.to_thread(preprocess, Path(src), Path(dst), size, crop=crop, flip=flip, caption=caption)
+    return report.describe()

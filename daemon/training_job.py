@@ -1,0 +1,247 @@
+"""A training run inside the daemon: the device worker's background job, with pause, resume and stop.
+
+The worker calls :meth:`TrainingJob.run_step` whenever no generation is waiting, so a picture asked for
+during training waits for at most one training step. ``run_step`` first encodes the pictures a few at a
+time (state ``starting``), then does one optimizer step per call (``running``). Pausing takes the job off
+the worker (``run_step`` returns False) and resuming puts it back; stopping saves a resumable checkpoint
+and the embedding so far. When the run ends its file is written atomically into the first embeddings
+folder and handed to the library at once, so ``<name>`` works in the very next prompt, before the folder
+watcher notices the file.
+
+Threads: ``run_step`` runs on the device thread, the control methods on the event loop, ``shutdown`` on a
+helper thread. ``_lock`` serialises everything that touches the trainer, so a shutdown waits for the
+step in progress and then checkpoints a consistent state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from sdrepl.core.errors import TrainingError
+from sdrepl.core.training.trainer import Trainer
+from sdrepl.daemon.context import DaemonContext
+
+log = logging.getLogger(__name__)
+
+ACTIVE = frozenset({"starting", "running", "paused", "stopping"})
+TERMINAL = frozenset({"done", "failed", "stopped"})
+#: ``train`` events per second at most while steps run (state changes are always sent).
+EVENTS_PER_S = 4.0
+
+
+class TrainingJob:
+    """One run (see module docstring); ``describe()`` is the protocol's ``<job>``."""
+
+    label = "train"
+
+    def __init__(self, ctx: DaemonContext, trainer: Trainer, *, resources: contextlib.AsyncExitStack | None = None
+                 ) -> None:
+        self.ctx = ctx
+        self.trainer = trainer
+        self.name = trainer.name
+        self.state = "starting"
+        self.error: str | None = None
+        self.path: str | None = None
+        self._resources = resources
+        self._lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._pause = False
+        self._stop = False
+        self._last_event = 0.0
+        self._times: collections.deque[tuple[float, int]] = collections.deque(maxlen=32)
+        self._waiters: list[tuple[frozenset[str], asyncio.Future]] = []
+        self._loop = ctx.loop
+
+    # --- what clients see ------------------------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE
+
+    def describe(self) -> dict[str, Any]:
+        t = self.trainer
+        rate = self._rate()
+        remaining = max(0, t.total - t.step_count)
+        return {
+            "name": self.name, "state": self.state, "step": t.step_count, "total": t.total,
+            "loss": None if t.last_loss is None else round(t.last_loss, 6), "lr": t.last_lr,
+            "it_s": None if rate is None else round(rate, 3),
+            "eta_s": None if rate is None or not self.active else round(remaining / rate, 1),
+            "log_dir": str(t.plan.log_dir), "path": self.path or str(t.plan.target), "error": self.error,
+            "seed": t.seed, "epoch": t.epoch, "notes": list(t.notes),
+        }
+
+    def result(self) -> dict[str, Any]:
+        """The ``train --wait`` result once the job has ended."""
+        return {"job": self.describe(), "embedding": {
+            "name": self.name, "path": self.path, "steps": self.trainer.step_count,
+            "final_loss": self.trainer.last_loss}}
+
+    def _rate(self) -> float | None:
+        if len(self._times) < 2:
+            return None
+        (t0, s0), (t1, s1) = self._times[0], self._times[-1]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 else None
+
+    # --- the device thread ---------------------------------------------------------------------
+
+    def run_step(self) -> bool:
+        """One unit of work; False takes the job off the worker (finished, failed, paused or stopped)."""
+        with self._lock:
+            if not self.active:
+                return False
+            if self._stop:
+                self._end("stopped")
+                return False
+            if self._pause:
+                self._set_state("paused")
+                return False
+            try:
+                if self.state == "starting":
+                    if self.trainer.prepare_step():
+                        return True
+                    self._times.append((time.monotonic(), self.trainer.step_count))
+                    self._set_state("running")
+                    return True
+                self.trainer.step()
+            except TrainingError as exc:
+                self._fail(str(exc))
+                return False
+            except Exception as exc:  # a bug or a device failure: fail the job, keep the daemon
+                log.exception("training %s failed", self.name)
+                self._fail(f"{type(exc).__name__}: {exc} (see {self.ctx.log_hint}); the last checkpoint is in "
+                           f"{self.trainer.plan.log_dir}")
+                return False
+            self._times.append((time.monotonic(), self.trainer.step_count))
+            if self.trainer.finished:
+                self._end("done")
+                return False
+            now = time.monotonic()
+            if now - self._last_event >= 1.0 / EVENTS_PER_S:
+                self._emit(now)
+            return True
+
+    def _end(self, state: str) -> None:
+        """Finish (done/stopped): checkpoint, final file, library; a failure to write fails the job."""
+        try:
+            path = self.trainer.finish()
+        except Exception as exc:  # EmbeddingError (disk full, a file appeared meanwhile), TrainingError
+            log.warning("training %s: saving the result failed: %s", self.name, exc)
+            self._fail(f"could not save the result: {exc}")
+            return
+        self.path = str(path)
+        try:
+            change = self.ctx.library.update_path(path)
+            self.ctx.apply_library_change(change)
+        except Exception:  # the watcher will still pick the file up
+            log.exception("training %s: the library did not take %s", self.name, path)
+        self._close()
+        self._set_state(state)
+
+    def _fail(self, message: str) -> None:
+        self.error = message
+        self._close()
+        self._set_state("failed")
+
+    def _close(self) -> None:
+        try:
+            self.trainer.close()
+        except Exception:
+            log.exception("training %s: releasing the model failed", self.name)
+        if self._resources is not None:
+            resources, self._resources = self._resources, None
+            self.ctx.call_soon(lambda: self._loop.create_task(resources.aclose()))
+
+    # --- state changes and events ----------------------------------------------------------------
+
+    def _set_state(self, state: str, *, only_from: frozenset[str] = ACTIVE) -> bool:
+        """Move to ``state`` unless the job has already ended (threads race to end it); True if moved."""
+        with self._state_lock:
+            if self.state not in only_from:
+                return False
+            self.state = state
+        log.info("training %s: %s at step %d/%d%s", self.name, state, self.trainer.step_count, self.trainer.total,
+                 f" ({self.error})" if self.error else "")
+        self._emit(time.monotonic())
+        self.ctx.call_soon(self._wake)
+        return True
+
+    def _emit(self, now: float) -> None:
+        self._last_event = now
+        self.ctx.broadcast("train", job=self.describe())
+
+    def _wake(self) -> None:
+        """(loop) Resolve the waiters whose states include the current one."""
+        keep = []
+        for states, future in self._waiters:
+            if future.done():
+                continue
+            if self.state in states:
+                future.set_result(self.state)
+            else:
+                keep.append((states, future))
+        self._waiters = keep
+
+    async def wait_for(self, states: Iterable[str]) -> str:
+        """(loop) Wait until the job is in one of ``states`` (or has ended)."""
+        wanted = frozenset(states) | TERMINAL
+        if self.state in wanted:
+            return self.state
+        future = self._loop.create_future()
+        self._waiters.append((wanted, future))
+        return await asyncio.shield(future)
+
+    # --- control (event loop) --------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._emit(time.monotonic())
+        self.ctx.worker.set_background(self)
+
+    async def pause(self) -> None:
+        if self.state in ("starting", "running"):
+            self._pause = True
+            await self.wait_for({"paused"})
+
+    def resume(self) -> None:
+        if not self.active:
+            return
+        self._pause = False
+        if self._set_state("running" if self.trainer.data.encoded else "starting", only_from=frozenset({"paused"})):
+            # Re-install from the device thread: queued there, it runs after the worker has dropped the
+            # job that returned False on pausing, so the two cannot cross.
+            self._times.clear()  # the pause is not training time
+            worker = self.ctx.worker
+            worker.submit(lambda: worker.set_background(self), label="train resume")
+
+    async def stop(self) -> None:
+        """Stop after the current step, saving a checkpoint and the embedding so far."""
+        if not self.active:
+            return
+        self._stop = True
+        if self.state == "paused":  # off the worker: finish it there ourselves
+            await self.ctx.worker.run(self.run_step, label="train stop")
+        else:
+            self._set_state("stopping", only_from=frozenset({"starting", "running"}))
+        await self.wait_for(TERMINAL)
+
+    def shutdown(self) -> None:
+        """The daemon is stopping (any thread): after the step in progress, save a resumable checkpoint."""
+        with self._lock:
+            if not self.active:
+                return
+            try:
+                path = self.trainer.save_checkpoint()
+                self.error = (f"the daemon stopped at step {self.trainer.step_count}; continue with "
+                              f"!train {self.name} --resume" + (f" (checkpoint {path})" if path else ""))
+            except Exception as exc:
+                log.exception("training %s: the shutdown checkpoint failed", self.name)
+                self.error = f"the daemon stopped and the checkpoint could not be saved: {exc}"
+            self._close()
+            self._set_state("stopped")

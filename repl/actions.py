@@ -1,0 +1,289 @@
+"""The executors of generation lines and meta-commands: one request to the daemon, one rendering.
+
+Each ``run_*`` takes the session, the parameters its parser produced, and the callback that learns a
+daemon request id (so Ctrl-C can cancel it); it returns an :class:`Outcome` or raises an error
+(``RemoteError`` from the daemon, a core ``SdreplError`` from local checks), which the session turns into
+the line's ``error``. Paths typed by the user are anchored to the session's folder here, because the
+daemon's working folder is not the user's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sdrepl.core.errors import SdreplError, UsageError
+from sdrepl.repl import render
+from sdrepl.repl.parse import GenerationLine, escape, to_float, to_int, to_sampler, to_seed, to_size, unquote
+from sdrepl.repl.train_args import resolve_paths
+
+if TYPE_CHECKING:
+    from sdrepl.repl.session import Session
+
+log = logging.getLogger("sdrepl.repl")
+Started = Callable[[int], None] | None
+MAX_REPLAY_DEPTH = 8
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an executor produced: the JSON result, its human text, and what the UI should do next.
+
+    ``error`` marks a line that produced a result and still failed (``!replay`` with failing lines).
+    """
+
+    result: dict[str, Any]
+    text: str
+    edit_buffer: str | None = None
+    quit: bool = False
+    error: dict[str, str] | None = None
+
+
+# -- generation ---------------------------------------------------------------------------------------
+
+def generation_params(line: GenerationLine, defaults: Any) -> dict[str, Any]:
+    """The ``generate`` parameters: what the line says, the session defaults for the rest."""
+    def pick(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    params: dict[str, Any] = {
+        "prompt": line.prompt,
+        "negative": pick(line.negative, defaults.negative),
+        "steps": pick(line.steps, defaults.steps),
+        "cfg": float(pick(line.cfg, defaults.cfg)),
+        "seed": line.seed if line.seed_given else defaults.seed,
+        "sampler": pick(line.sampler, defaults.sampler),
+        "n": pick(line.n, defaults.n),
+        "clip_skip": pick(line.clip_skip, defaults.clip_skip),
+    }
+    width, height = defaults.size if defaults.size else (None, None)
+    width, height = pick(line.width, width), pick(line.height, height)
+    if (width is None) != (height is None):
+        given = "--width/-W" if line.width is not None else "--height/-H"
+        raise UsageError(f"{given} alone needs a default size to complete it: give both, e.g. --size 768x512, "
+                         "or set one first with !set size 512x512")
+    if width is not None:
+        params["width"], params["height"] = width, height
+    return params
+
+
+async def run_generate(session: Session, line: GenerationLine, started: Started) -> Outcome:
+    params = generation_params(line, session.defaults)
+    request_id, future = session.client.start("generate", **params)
+    if started is not None:
+        started(request_id)
+    try:
+        result = await future
+    except asyncio.CancelledError:
+        # The line was interrupted here (Ctrl-C cancelled our task): stop the daemon's work too.
+        task = asyncio.ensure_future(session.client.cancel(request_id))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        raise
+    return Outcome(result, render.generation(result, session.cwd))
+
+
+# -- library ------------------------------------------------------------------------------------------
+
+async def run_help(session: Session, name: str | None, started: Started) -> Outcome:
+    from sdrepl.repl.commands import help_text
+
+    result, text = help_text(name)
+    return Outcome(result, text)
+
+
+async def run_embeddings(session: Session, _: None, started: Started) -> Outcome:
+    reply = await session.client.request("embeddings")
+    result = {"embeddings": reply.get("embeddings", []), "skipped": reply.get("skipped", []),
+              "warnings": reply.get("warnings", [])}
+    return Outcome(result, render.embeddings(result))
+
+
+async def run_show(session: Session, name: str, started: Started) -> Outcome:
+    reply = await session.client.request("show", name=name)
+    return Outcome({"embedding": reply}, render.show(reply))
+
+
+async def run_tokens(session: Session, line: GenerationLine, started: Started) -> Outcome:
+    negative = session.defaults.negative if line.negative is None else line.negative
+    reply = await session.client.request("tokens", prompt=line.prompt, negative=negative)
+    return Outcome({"tokens": reply}, render.tokens(reply))
+
+
+async def run_reload(session: Session, _: None, started: Started) -> Outcome:
+    reply = await session.client.request("reload")
+    return Outcome(reply, render.change(reply))
+
+
+async def run_create(session: Session, params: dict[str, Any], started: Started) -> Outcome:
+    reply = await session.client.request("create", **params)
+    emb = reply.get("embedding") or {}
+    text = (f"created <{emb.get('name', params['name'])}>: {emb.get('vectors', params.get('vectors', 1))} "
+            f"vector(s) from init {params.get('init', '*')!r} -> {reply.get('path', '?')}")
+    return Outcome(reply, text)
+
+
+async def run_convert(session: Session, params: dict[str, Any], started: Started) -> Outcome:
+    reply = await session.client.request("convert", **params)
+    return Outcome(reply, f"wrote {reply.get('path', '?')}")
+
+
+# -- training -----------------------------------------------------------------------------------------
+
+async def run_train(session: Session, parsed: dict[str, Any], started: Started) -> Outcome:
+    if parsed["sub"] is not None:
+        reply = await session.client.request(f"train_{parsed['sub']}")
+        return Outcome(reply, render.job(reply.get("job")))
+    params = resolve_paths(parsed["params"], session.cwd)
+    reply = await session.client.request("train", **params)
+    if params.get("wait"):
+        return Outcome(reply, render.trained(reply))
+    return Outcome(reply, render.job(reply.get("job")) + "  (!train status to follow it)")
+
+
+async def run_preprocess(session: Session, params: dict[str, Any], started: Started) -> Outcome:
+    src, dst = session.resolve(params["src"]), session.resolve(params["dst"])
+    if not src.is_dir():
+        raise UsageError(f"!preprocess: source folder {params['src']!r} does not exist ({src})")
+    reply = await session.client.request("preprocess", **{**params, "src": str(src), "dst": str(dst)})
+    return Outcome(reply, render.preprocess(reply))
+
+
+# -- session-local commands ---------------------------------------------------------------------------
+
+def defaults_dict(defaults: Any) -> dict[str, Any]:
+    values = {f.name: getattr(defaults, f.name) for f in fields(defaults)}
+    if values.get("size"):
+        values["size"] = f"{values['size'][0]}x{values['size'][1]}"
+    return values
+
+
+_SETTERS: dict[str, Callable[[str], Any]] = {
+    "steps": to_int(1, 1000), "cfg": to_float(0, 100), "seed": to_seed, "sampler": to_sampler,
+    "n": to_int(1, 64), "clip_skip": to_int(1, 12), "negative": unquote,
+    "size": lambda v: None if v.strip().lower() in ("native", "auto", "none") else to_size(v),
+}
+
+
+async def run_set(session: Session, parsed: tuple[str | None, str | None], started: Started) -> Outcome:
+    key, value = parsed
+    if key is None:
+        values = defaults_dict(session.defaults)
+        return Outcome({"defaults": values}, render.defaults(values))
+    if value is None:
+        shown = {key: defaults_dict(session.defaults)[key]}
+        return Outcome({"defaults": shown}, render.defaults(shown))
+    if value.strip().lower() == "default":
+        new = getattr(type(session.defaults)(), key)
+    else:
+        try:
+            new = _SETTERS[key](value)
+        except ValueError as exc:
+            raise UsageError(f"!set {key} {value!r}: {exc}") from None
+    setattr(session.defaults, key, new)
+    values = defaults_dict(session.defaults)
+    return Outcome({"defaults": values, "set": {key: values[key]}},
+                   f"{key} = {render.format_value(key, values[key])}")
+
+
+async def run_history(session: Session, text: str, started: Started) -> Outcome:
+    entries = [(n, line) for n, line in enumerate(session.history_lines(), start=1)
+               if text.lower() in line.lower()]
+    return Outcome({"history": [{"n": n, "line": line} for n, line in entries]}, render.history(entries))
+
+
+async def run_status(session: Session, _: None, started: Started) -> Outcome:
+    reply = await session.client.request("status")
+    return Outcome({"status": reply}, render.status(reply))
+
+
+async def run_quit(session: Session, _: None, started: Started) -> Outcome:
+    return Outcome({}, "", quit=True)
+
+
+# -- fetch and replay ---------------------------------------------------------------------------------
+
+def fetch_line(p: dict[str, Any]) -> str:
+    """The generation line that remakes a picture, from ``core.pnginfo.parse_parameters`` output.
+
+    A prompt with newlines comes back as a ``\"\"\"`` block, so it runs as it was written.
+    """
+    options: list[str] = []
+    if p.get("negative"):
+        options.append(f"--neg {escape(p['negative'])}")
+    for key, value in (("steps", p.get("steps")), ("cfg", p.get("cfg")), ("seed", p.get("seed"))):
+        if value is not None:
+            options.append(f"--{key} {value:g}" if isinstance(value, float) else f"--{key} {value}")
+    if p.get("width") and p.get("height"):
+        options.append(f"--size {p['width']}x{p['height']}")
+    if p.get("sampler"):
+        try:
+            options.append(f"--sampler {to_sampler(p['sampler'])}")
+        except SdreplError:
+            options.append(f"--sampler {p['sampler']}")  # kept: running the line will say what is wrong
+    if p.get("clip_skip") not in (None, 1):
+        options.append(f"--clip-skip {p['clip_skip']}")
+    prompt = escape(p.get("prompt") or "")
+    if "\n" in prompt or "\n" in (p.get("negative") or ""):
+        return '"""\n' + prompt + "\n" + " ".join(options) + '\n"""'
+    return " ".join([prompt, *options]).strip()
+
+
+async def run_fetch(session: Session, path: str, started: Started) -> Outcome:
+    from sdrepl.core.pnginfo import PngInfoError, parse_parameters, read_png_parameters
+
+    file = session.resolve(path)
+    text = read_png_parameters(file)
+    if not text:
+        raise PngInfoError(f"{file}: no generation parameters in this picture (no A1111 'parameters' text); "
+                           "only pictures made by sdrepl or AUTOMATIC1111 can be fetched")
+    line = fetch_line(parse_parameters(text))
+    return Outcome({"command": line}, line, edit_buffer=line)
+
+
+async def run_replay(session: Session, path: str, started: Started) -> Outcome:
+    from sdrepl.repl.lines import read_lines
+
+    file = session.resolve(path)
+    if not file.is_file():
+        raise UsageError(f"!replay: no such file {path!r} ({file}); give a text file of REPL lines")
+    if session.replay_depth >= MAX_REPLAY_DEPTH:
+        raise UsageError(f"!replay {path}: replays nested {MAX_REPLAY_DEPTH} deep; does the file replay itself?")
+    entries: list[dict[str, Any]] = []
+    texts: list[str] = []
+    session.replay_depth += 1
+    try:
+        with open(file, encoding="utf-8") as handle:
+            for logical in read_lines(handle):
+                result = await session.execute_logical(logical, on_request_started=started)
+                entry = {"line": logical.number, "input": logical.source, "ok": result.ok}
+                entry.update({"error": result.error} if not result.ok else result.result)
+                entries.append(entry)
+                texts.append(f"{file.name}:{logical.number}> {logical.source}")
+                texts.append(result.text if result.ok else f"error: {result.error['type']}: {result.error['message']}")
+                if session.on_replay_result is not None:
+                    session.on_replay_result(logical.number, logical.source, result)
+                if result.quit:
+                    break
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"!replay {path}: cannot read the file ({exc})") from None
+    finally:
+        session.replay_depth -= 1
+    failed = [e for e in entries if not e["ok"]]
+    summary = f"replayed {len(entries)} line(s) from {file.name}: {len(entries) - len(failed)} ok, {len(failed)} failed"
+    text = summary if session.on_replay_result is not None else "\n".join([*filter(None, texts), summary])
+    error = None
+    if failed:
+        first = failed[0]
+        error = {"type": first["error"]["type"],
+                 "message": f"{len(failed)} of {len(entries)} line(s) of {file} failed; first, line "
+                            f"{first['line']}: {first['error']['message']}"}
+    return Outcome({"file": str(file), "lines": entries, "failed": len(failed)}, text, error=error)
+
+
+def resolve(cwd: Path, text: str) -> Path:
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else cwd / path

@@ -1,0 +1,316 @@
+"""The interactive read-eval-print loop: one PromptSession, one state, the session executing lines.
+
+Shape (prompt_toolkit's asyncio example, ptpython's repl): ``prompt_async`` in a loop inside
+``patch_stdout``, background work (budget tracker, daemon events) started inside that block and stopped
+in ``finally``. Daemon events change the state; the state redraws the screen and its notifications are
+printed above the prompt. A line runs as a task while a SIGINT handler turns Ctrl-C into ``cancel``.
+Only EOF (Ctrl-D) and ``!quit`` leave: any error of a line, or of the REPL itself, is printed (one line,
+details in the log) and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+from prompt_toolkit.patch_stdout import patch_stdout
+from prompt_toolkit.styles import Style
+from sdrepl.repl.completion import make_completer
+from sdrepl.repl.keys import AbandonBlock, make_key_bindings, sigint_handler
+from sdrepl.repl.lines import LineAssembler, LogicalLine
+from sdrepl.repl.state import ReplState, StateFeed
+from sdrepl.repl.toolbar import BudgetTracker, render_toolbar
+
+log = logging.getLogger("sdrepl.repl")
+
+STYLE = Style.from_dict({
+    "bottom-toolbar": "noreverse bg:#262626 #bcbcbc",
+    "toolbar.error": "#ff5f5f bold",
+    "toolbar.warn": "#ffd75f",
+    "toolbar.embedding": "#87d7ff",
+    "toolbar.train": "#afd787",
+    "prompt": "#87afd7 bold",
+})
+
+
+def history_path() -> Path:
+    """``$SDREPL_HISTORY``, else ``history`` in the user data dir (platformdirs), created on demand."""
+    override = os.environ.get("SDREPL_HISTORY")
+    if override:
+        return Path(override).expanduser()
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("sdrepl")) / "history"
+
+
+def open_history() -> History:
+    """A FileHistory, or an in-memory one (with a warning) when the file cannot be written."""
+    path = history_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(exist_ok=True)
+        return FileHistory(str(path))
+    except OSError as exc:
+        print(f"sdrepl: history not saved: cannot write {path} ({exc.strerror}); set SDREPL_HISTORY to "
+              "a writable file", file=sys.stderr)
+        return InMemoryHistory()
+
+
+class InteractiveRepl:
+    """The loop's parts wired together; ``run()`` is the loop. Tests pass a fake session, input and output."""
+
+    def __init__(self, client: Any, settings: Any, *, session: Any = None, history: History | None = None,
+                 input: Any = None, output: Any = None) -> None:
+        self.client = client
+        self.settings = settings
+        self.state = ReplState()
+        self.feed = StateFeed(client, self.state)
+        self.lines = LineAssembler()
+        self.block: list[str] | None = None  # the open """ block's lines, for the toolbar's count
+        self.executing = False
+        self._progress_shown = False
+        self._progress_drawn_at = 0.0
+        self._terminal = sys.stdout  # the real one: run() patches sys.stdout for output above the prompt
+        history = history if history is not None else open_history()
+        if session is None:
+            from sdrepl.repl.session import Session, SessionDefaults
+
+            session = Session(client, defaults=SessionDefaults(), history=history.get_strings, cwd=None)
+            session.on_replay_result = self._replay_line_done
+        self.session = session
+        self.tracker = BudgetTracker(client, self.state, get_prefix=lambda: "\n".join(self.block or []),
+                                     get_default_negative=self._default_negative)
+        self.prompt = PromptSession(
+            history=history, completer=make_completer(lambda: self.state.embeddings),
+            complete_while_typing=True, bottom_toolbar=lambda: render_toolbar(self.state),
+            key_bindings=make_key_bindings(in_block=lambda: self.block is not None),
+            style=STYLE, input=input, output=output, refresh_interval=None,
+        )
+        self.prompt.default_buffer.on_text_changed += lambda buffer: self.tracker.on_text_changed(buffer.text)
+        self.state.listeners.append(self._on_state_changed)
+
+    # -- output ---------------------------------------------------------------------------------------
+
+    def emit(self, text: str) -> None:
+        """Print a line for the user: above the prompt while it is shown, else straight to the terminal.
+
+        While a line runs no prompt is drawn, and patch_stdout's proxy would write from its own thread
+        later, possibly after the next prompt appeared; writing directly keeps the order on the screen.
+        """
+        if self.prompt.app.is_running:
+            print(text.rstrip("\n"), flush=True)
+            return
+        self._write(("\r\x1b[K" if self._progress_shown else "") + text.rstrip("\n") + "\n")
+        self._progress_shown = False
+
+    def _write(self, text: str) -> None:
+        try:
+            self._terminal.write(text)
+            self._terminal.flush()
+        except (OSError, ValueError):  # a closed or broken terminal: nothing useful left to do with output
+            log.warning("could not write to the terminal", exc_info=True)
+
+    def _on_state_changed(self) -> None:
+        while self.state.notifications:
+            self.emit(self.state.notifications.popleft())
+        if self.executing:
+            self._draw_progress()
+        app = self.prompt.app
+        if app.is_running:
+            app.invalidate()
+
+    def _draw_progress(self) -> None:
+        """``generating ━━━━━───── 12/30 (Ctrl-C cancels)`` on one line, at most ~10 times a second."""
+        progress = self.state.progress
+        if not progress or progress.get("request") != self.state.running_request:
+            return
+        step, total = progress.get("step") or 0, progress.get("total") or 0
+        now = time.monotonic()
+        if step < total and now - self._progress_drawn_at < 0.1:
+            return
+        self._progress_drawn_at = now
+        filled = int(20 * step / total) if total else 0
+        bar = "━" * filled + "─" * (20 - filled)
+        self._write(f"\rgenerating {bar} {step}/{total}  (Ctrl-C cancels)\x1b[K")
+        self._progress_shown = True
+
+    def _default_negative(self) -> str:
+        defaults = getattr(self.session, "defaults", None)
+        return str(getattr(defaults, "negative", "") or "")
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        self._terminal = sys.stdout
+        await self.feed.start()
+        self.client.add_event_listener(self.tracker.on_event)
+        with patch_stdout(raw=True):
+            self.emit(self.banner())
+            self.tracker.start()
+            try:
+                return await self._loop()
+            finally:
+                await self.tracker.close()
+                await self.feed.close()
+
+    def banner(self) -> str:
+        model = self.state.model or {}
+        where = " ".join(str(model[k]) for k in ("device", "dtype") if model.get(k))
+        skipped = f", {len(self.state.skipped)} skipped (!embeddings says why)" if self.state.skipped else ""
+        return (f"sdrepl · model {model.get('model', self.settings.model)}{f' ({where})' if where else ''} · "
+                f"{len(self.state.embeddings)} embeddings{skipped} · !help, Tab completes <names>, Ctrl-D leaves")
+
+    async def _loop(self) -> int:
+        prefill = ""
+        failures = 0
+        while True:
+            try:
+                text = await self.prompt.prompt_async(self._message, default=prefill)
+                failures = 0
+            except EOFError:
+                return 0
+            except (KeyboardInterrupt, AbandonBlock):
+                self.abandon_block()
+                continue
+            except Exception as exc:  # the prompt itself broke (a drawing bug): report, retry, but not forever
+                failures += 1
+                log.exception("prompt failed")
+                self.emit(f"internal error in the prompt: {exc!r} (details in {log_location()})")
+                if failures >= 5:
+                    return 1
+                continue
+            prefill = ""
+            for line in self.assemble(text):
+                result = await self.run_line(line)
+                if result is None:
+                    continue
+                self.show(result)
+                if getattr(result, "quit", False):
+                    return 0
+                prefill = getattr(result, "edit_buffer", None) or prefill
+
+    async def run_line(self, line: LogicalLine) -> Any:
+        """Execute one logical line; an exception that escapes the session is printed, never raised."""
+        try:
+            return await self.execute(line)
+        except Exception as exc:
+            log.exception("line failed: %r", line.text)
+            self.emit(describe_failure(exc))
+            return None
+
+    def _message(self) -> list[tuple[str, str]]:
+        return [("class:prompt", "... " if self.block is not None else "sd> ")]
+
+    def assemble(self, text: str) -> list[LogicalLine]:
+        """Logical lines completed by what was entered (by the session's rules, sdrepl.repl.lines).
+
+        A ``\"\"\"`` line opens a block that a later ``\"\"\"`` line closes; an edit buffer may hold
+        several lines at once (a ``!fetch`` of a multi-line prompt), each is fed in turn.
+        """
+        done = []
+        for physical in text.split("\n"):
+            logical = self.lines.feed(physical)
+            if self.lines.pending:
+                self.block = [] if self.block is None else [*self.block, physical]
+            else:
+                self.block = None
+            if logical is not None:
+                done.append(logical)
+        return done
+
+    def abandon_block(self) -> None:
+        if self.lines.pending:
+            self.emit("(block abandoned)")
+        self.lines = LineAssembler()
+        self.block = None
+
+    async def execute(self, line: LogicalLine) -> Any:
+        """Run one line as a task that Ctrl-C cancels (the session then cancels the daemon's work)."""
+        interrupted = False
+
+        def on_started(request_id: Any) -> None:
+            self.state.running_request = request_id
+
+        task = asyncio.ensure_future(self._execute(line, on_started))
+
+        def on_sigint() -> None:
+            nonlocal interrupted
+            if not task.done():
+                interrupted = True
+                task.cancel()
+
+        self.executing = True
+        try:
+            with sigint_handler(on_sigint):
+                return await task
+        except asyncio.CancelledError:
+            if not interrupted:
+                raise
+            self.emit("cancelled")
+            return None
+        finally:
+            self.executing = False
+            if self._progress_shown:
+                self._write("\r\x1b[K")
+                self._progress_shown = False
+            self.state.running_request = None
+            self.state.progress = None
+
+    async def _execute(self, line: LogicalLine, on_started: Any) -> Any:
+        run_logical = getattr(self.session, "execute_logical", None)
+        if run_logical is not None:
+            return await run_logical(line, on_request_started=on_started)
+        return await self.session.execute(line.text, on_request_started=on_started)
+
+    def _replay_line_done(self, number: int, source: str, result: Any) -> None:
+        """``!replay`` shows each line's outcome as it finishes, not only at the end."""
+        first = source.strip().splitlines()[0] if source.strip() else ""
+        outcome = getattr(result, "text", "") or ("ok" if result.ok else format_error(result.error))
+        self.emit(f"{number:>4} {first[:60]}: {outcome}")
+
+    def show(self, result: Any) -> None:
+        """Print a LineResult: its text, or its error as ``Type: message`` (never a traceback)."""
+        text = getattr(result, "text", None)
+        if text:
+            self.emit(str(text))
+        elif not getattr(result, "ok", True):
+            self.emit(format_error(getattr(result, "error", None)))
+
+
+def format_error(error: Any) -> str:
+    if isinstance(error, dict):
+        return f"{error.get('type', 'Error')}: {error.get('message', '')}"
+    if isinstance(error, BaseException):
+        return f"{getattr(error, 'type_name', type(error).__name__)}: {getattr(error, 'message', None) or error}"
+    return f"error: {error}" if error else "error"
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for an exception that escaped the session: the user's error as is, ours with the log."""
+    name = type(exc).__name__
+    if name in ("DaemonUnavailable", "ConnectionError", "ConnectionResetError", "BrokenPipeError",
+                "IncompleteReadError"):
+        return (f"the daemon went away ({exc}); start it again with `sdrepl serve --detach` and restart "
+                "the REPL, or leave with Ctrl-D")
+    if hasattr(exc, "type_name"):
+        return format_error(exc)
+    return f"internal error: {name}: {exc} (details in {log_location()})"
+
+
+def log_location() -> str:
+    for handler in logging.getLogger("sdrepl").handlers:
+        if isinstance(handler, logging.FileHandler):
+            return handler.baseFilename
+    return "the REPL log"
+
+
+async def run_interactive(client: Any, settings: Any, **kwargs: Any) -> int:
+    """The interactive REPL on an open client; returns the exit status (0 after Ctrl-D or ``!quit``)."""
+    return await InteractiveRepl(client, settings, **kwargs).run()

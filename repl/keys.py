@@ -1,0 +1,80 @@
+"""Key bindings of the interactive REPL, and what Ctrl-C means while a line runs.
+
+At the prompt (prompt_toolkit active): Ctrl-C clears the line (or abandons an open ``\"\"\"`` block when
+the line is already empty), Ctrl-D on an empty line leaves, Ctrl-R is prompt_toolkit's reverse history
+search (its default Emacs binding). While a line executes prompt_toolkit is not reading keys; the
+terminal delivers Ctrl-C as SIGINT and :func:`sigint_handler` turns it into a callback on the loop
+(cancel the running generation) instead of a KeyboardInterrupt raised at a random point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Iterator
+
+from prompt_toolkit.filters import Condition, is_searching
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+
+log = logging.getLogger("sdrepl.repl")
+
+
+class AbandonBlock(Exception):
+    """Ctrl-C on an empty line inside a ``\"\"\"`` block: the loop drops the lines gathered so far."""
+
+
+def make_key_bindings(in_block: Callable[[], bool] = lambda: False) -> KeyBindings:
+    """The REPL's bindings; ``in_block`` says whether a ``\"\"\"`` block is open (read at key time)."""
+    bindings = KeyBindings()
+    buffer_empty = Condition(lambda: _app_buffer_text() == "")
+
+    @bindings.add("c-c", filter=~is_searching)
+    def _clear_line(event: KeyPressEvent) -> None:
+        """Ctrl-C at the prompt: clear the line; on an empty line in a block, abandon the block."""
+        buffer = event.current_buffer
+        if buffer.text:
+            buffer.reset()
+        elif in_block():
+            event.app.exit(exception=AbandonBlock())
+
+    @bindings.add("c-d", filter=buffer_empty & ~is_searching)
+    def _leave(event: KeyPressEvent) -> None:
+        """Ctrl-D on an empty line: leave the REPL (the daemon keeps running)."""
+        event.app.exit(exception=EOFError())
+
+    return bindings
+
+
+def _app_buffer_text() -> str:
+    from prompt_toolkit.application import get_app
+
+    return get_app().current_buffer.text
+
+
+@contextlib.contextmanager
+def sigint_handler(on_interrupt: Callable[[], None]) -> Iterator[None]:
+    """While inside, SIGINT (Ctrl-C in a cooked terminal) calls ``on_interrupt`` on the running loop.
+
+    Without it, Ctrl-C during a generation would raise KeyboardInterrupt wherever the loop happens to be,
+    killing the REPL. Where signal handlers cannot be installed (Windows, a non-main thread) this does
+    nothing and Ctrl-C behaves as Python's default.
+    """
+    loop = asyncio.get_running_loop()
+
+    def safe() -> None:
+        try:
+            on_interrupt()
+        except Exception:
+            log.exception("Ctrl-C handler failed")
+
+    try:
+        loop.add_signal_handler(signal.SIGINT, safe)
+    except (NotImplementedError, RuntimeError, ValueError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)

@@ -1,0 +1,144 @@
+"""``sdrepl`` without a subcommand: find or start the daemon, then run an interactive or scripted session.
+
+Interactive when stdin is a terminal; scripted when it is not, when ``--script FILE`` is given, or with
+``--json`` (a JSON stream is for programs, even typed on a terminal). A user's mistake ends with one line
+and no traceback; an internal error ends with one line that says where the log with the details is.
+Exit status: whatever the session says, 2 when no daemon can be reached or started (interface.md),
+130 after Ctrl-C outside a prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import logging.handlers
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from sdrepl.core.errors import SdreplError
+
+log = logging.getLogger("sdrepl.repl")
+
+
+def log_path() -> Path:
+    """``repl.log`` in the user state dir (``~/.local/state/sdrepl/repl.log`` on Linux)."""
+    from platformdirs import user_state_dir
+
+    return Path(user_state_dir("sdrepl")) / "repl.log"
+
+
+def setup_logging() -> Path | None:
+    """Send the client side's log to a file, never to the terminal (it would tear the prompt)."""
+    logger = logging.getLogger("sdrepl")
+    path = log_path()
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == path:
+            return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(path, maxBytes=1_000_000, backupCount=2, encoding="utf-8")
+    except OSError:
+        return None
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return path
+
+
+def run_repl(settings: Any, *, json_mode: bool = False, fail_fast: bool = False,
+             script: str | Path | None = None) -> int:
+    """The ``sdrepl`` entry point (called by cli.py with resolved settings); returns the exit status."""
+    where = setup_logging()
+    scripted = script is not None or json_mode or not sys.stdin.isatty()
+    try:
+        lines = open_script(script) if script is not None else sys.stdin
+    except SdreplError as exc:
+        print(f"sdrepl: {exc}", file=sys.stderr)
+        return 2
+    from sdrepl.daemon.client import DaemonUnavailable
+
+    try:
+        ensure_daemon_blocking(settings)
+        return asyncio.run(_run(settings, lines, scripted=scripted, json_mode=json_mode, fail_fast=fail_fast))
+    except DaemonUnavailable as exc:
+        print(unreachable(settings, exc), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except SdreplError as exc:
+        print(f"sdrepl: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        log.exception("the REPL stopped on an internal error")
+        details = f"details in {where}" if where else f"no details: {log_path()} is not writable"
+        print(f"sdrepl: internal error: {type(exc).__name__}: {exc} ({details})", file=sys.stderr)
+        return 1
+    finally:
+        if script is not None and lines is not sys.stdin:
+            lines.close()
+
+
+def open_script(script: str | Path) -> TextIO:
+    from sdrepl.core.errors import UsageError
+
+    path = Path(script).expanduser()
+    try:
+        return path.open(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"--script {script}: no such file; give the path of a file of REPL lines") from None
+    except IsADirectoryError:
+        raise UsageError(f"--script {script}: is a folder; give the path of a file of REPL lines") from None
+    except OSError as exc:
+        raise UsageError(f"--script {script}: cannot be read ({exc.strerror})") from None
+
+
+def unreachable(settings: Any, exc: BaseException) -> str:
+    return f"sdrepl: no daemon answers at {settings.socket} and none could be started: {exc}"
+
+
+async def _run(settings: Any, lines: TextIO, *, scripted: bool, json_mode: bool, fail_fast: bool) -> int:
+    client = await connect(settings, client_name="script" if scripted else "repl")
+    try:
+        if scripted:
+            from sdrepl.repl.scripted import run_script
+
+            return await run_script(client, lines, json_mode=json_mode, fail_fast=fail_fast,
+                                    out=sys.stdout, err=sys.stderr)
+        from sdrepl.repl.interactive import run_interactive
+
+        return await run_interactive(client, settings)
+    finally:
+        try:
+            await client.close()
+        except Exception:
+            log.exception("closing the daemon connection failed")
+
+
+def ensure_daemon_blocking(settings: Any) -> None:
+    """Start the daemon (and wait for it) before the event loop, when ensure_daemon is a plain function.
+
+    Outside the loop, Ctrl-C during a long model load ends cleanly instead of waiting on a worker thread.
+    """
+    from sdrepl.daemon.lifecycle import ensure_daemon
+
+    if not inspect.iscoroutinefunction(ensure_daemon):
+        ensure_daemon(settings, on_status=print_status, timeout=300)
+
+
+async def connect(settings: Any, *, client_name: str) -> Any:
+    """Connect to the daemon on ``settings.socket`` (awaiting ensure_daemon first when it is async)."""
+    from sdrepl.daemon.client import DaemonClient
+    from sdrepl.daemon.lifecycle import ensure_daemon
+
+    if inspect.iscoroutinefunction(ensure_daemon):
+        await ensure_daemon(settings, on_status=print_status, timeout=300)
+    return await DaemonClient.connect(settings.socket, timeout=5.0, events=True, client=client_name)
+
+
+def print_status(text: str) -> None:
+    """The daemon's start-up news (``loading model tiny ...``), on stderr so scripted stdout stays clean."""
+    print(f"sdrepl: {text}", file=sys.stderr, flush=True)

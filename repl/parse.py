@@ -1,0 +1,267 @@
+"""Options in REPL lines: the ``--name value`` rule, value checks, and the generation line.
+
+The contract's rule (interface.md): an option's value runs to the next `` --``, so prompts and paths need
+no quoting. Precisely:
+
+- an option starts at the beginning of the text or after whitespace, with ``--`` and a letter
+  (``--steps``, ``--neg``); ``--name=value`` also works. ``--`` followed by a space or a digit is text,
+  so ``a cat -- dog`` is a prompt;
+- to write a literal `` --word`` in a prompt, escape it: ``\\--word``;
+- a value wrapped in one pair of matching quotes loses them (``--join " "`` is a single space);
+- a repeated option: the last one wins, so an option appended to a line from history overrides;
+- a prompt wrapped whole in quotes loses them (InvokeAI's ``"a cat" -s 30``);
+- InvokeAI's short options (``-s 30``, ``-S 42``, ``-C 7.5``, ``-W 512``, ``-H 768``, ``-A k_lms``,
+  ``-n 2``, also glued: ``-s30``) are understood on generation lines.
+
+Unknown options are a :class:`UsageError` naming the option and listing the valid ones; a value that is
+not what the option takes is a :class:`PromptError` on generation lines (that is how core classifies a
+bad prompt) and a :class:`UsageError` in meta-commands.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sdrepl.core.errors import PromptError, SdreplError, UsageError
+from sdrepl.core.samplers import find_sampler
+
+_LONG = r"--[A-Za-z][\w-]*(?==|\s|$)"
+_SHORT_GLUED = r"-(?:[sWHn]\d+|S-?\d+|C\d+(?:\.\d+)?|Ak_\w+|A(?:ddim|plms))(?=\s|$)"
+_SHORT_ALONE = r"-[sSCWHAn](?=\s|$)"
+_LONG_RE = re.compile(rf"(?:(?<=\s)|^)({_LONG})")
+_SHORT_RE = re.compile(rf"(?:(?<=\s)|^)({_LONG}|{_SHORT_GLUED}|{_SHORT_ALONE})")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a line: its canonical ``key``, the spellings it answers to, and how to read its value.
+
+    ``convert`` is None for a flag (no value; True when present). ``metavar`` appears in messages.
+    """
+
+    key: str
+    names: tuple[str, ...]
+    convert: Callable[[str], Any] | None = None
+    metavar: str = ""
+
+    @property
+    def spelling(self) -> str:
+        return self.names[0] if not self.metavar else f"{self.names[0]} {self.metavar}"
+
+
+def unquote(value: str) -> str:
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        return value[1:-1]
+    return value
+
+
+def unescape(text: str) -> str:
+    return text.replace("\\--", "--")
+
+
+def escape(text: str) -> str:
+    """The inverse of :func:`unescape` for text that must survive being put back on a line (``!fetch``)."""
+    return re.sub(r"(^|\s)--(?=[A-Za-z])", r"\1\\--", text)
+
+
+def split_options(
+    text: str, options: Sequence[Option], *, where: str, short: bool = False,
+    value_error: type[SdreplError] = UsageError,
+) -> tuple[str, dict[str, Any]]:
+    """Split ``text`` into the head (what comes before the first option) and the parsed options.
+
+    ``where`` names the line kind in messages (``generation line``, ``!train``). Values are converted
+    with each option's ``convert``; its ``ValueError`` becomes ``value_error`` naming the option.
+    """
+    by_name = {name: opt for opt in options for name in opt.names}
+    pattern = _SHORT_RE if short else _LONG_RE
+    matches = list(pattern.finditer(text))
+    head = unescape(text[: matches[0].start()] if matches else text).strip()
+    values: dict[str, Any] = {}
+    for i, match in enumerate(matches):
+        token = match.group(1)
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+        raw = text[match.end():end]
+        name, glued = _name_and_glued_value(token, raw, by_name)
+        if name not in by_name:
+            raise UsageError(f"unknown option {name} in {where}; valid options: {_valid(options)}")
+        option = by_name[name]
+        value = unescape(unquote(glued if glued is not None else raw))
+        if option.convert is None:
+            if glued is not None or value:
+                raise UsageError(f"{name} in {where} takes no value (got {value!r}); write it alone, e.g. {name}")
+            values[option.key] = True
+            continue
+        if not value and glued is None and not raw.strip():
+            raise UsageError(f"{name} in {where} needs a value: {option.spelling}")
+        try:
+            values[option.key] = option.convert(value)
+        except ValueError as exc:
+            raise value_error(f"{name} {value!r} in {where}: {exc}") from None
+    return head, values
+
+
+def _name_and_glued_value(token: str, raw: str, by_name: dict[str, Option]) -> tuple[str, str | None]:
+    """``--steps=30`` -> (``--steps``, ``30 ...``); ``-s30`` -> (``-s``, ``30``); else (token, None)."""
+    if token.startswith("--"):
+        if raw.startswith("="):
+            return token, raw[1:]
+        return token, None
+    if len(token) > 2:
+        return token[:2], token[2:] + raw
+    return token, None
+
+
+def _valid(options: Sequence[Option]) -> str:
+    return ", ".join(opt.spelling for opt in options)
+
+
+# -- value converters: raise ValueError with a message that says what a good value looks like ---------
+
+def to_int(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        try:
+            number = int(text.strip())
+        except ValueError:
+            raise ValueError(f"is not a whole number{_range(low, high)}") from None
+        if (low is not None and number < low) or (high is not None and number > high):
+            raise ValueError(f"is out of range; use a whole number{_range(low, high)}")
+        return number
+    return convert
+
+
+def to_float(low: float | None = None, high: float | None = None) -> Callable[[str], float]:
+    def convert(text: str) -> float:
+        try:
+            number = float(text.strip())
+        except ValueError:
+            raise ValueError(f"is not a number{_range(low, high)}") from None
+        if number != number or (low is not None and number < low) or (high is not None and number > high):
+            raise ValueError(f"is out of range; use a number{_range(low, high)}")
+        return number
+    return convert
+
+
+def _range(low: float | None, high: float | None) -> str:
+    if low is not None and high is not None:
+        return f" from {low:g} to {high:g}"
+    if low is not None:
+        return f" of at least {low:g}"
+    return ""
+
+
+def to_choice(*choices: str) -> Callable[[str], str]:
+    def convert(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"is not one of {', '.join(choices)}")
+        return value
+    return convert
+
+
+def to_text(text: str) -> str:
+    return text
+
+
+def to_seed(text: str) -> int | None:
+    """A seed: a whole number >= 0, or ``random`` / ``-1`` (A1111's spelling of random) for None."""
+    value = text.strip().lower()
+    if value in ("random", "-1", "none", ""):
+        return None
+    try:
+        seed = int(value)
+    except ValueError:
+        raise ValueError("is not a seed; use a whole number such as 1234, or random") from None
+    if not 0 <= seed < 2**64:
+        raise ValueError("is out of range; use a whole number from 0 to 2^64-1, or random")
+    return seed
+
+
+def to_size(text: str) -> tuple[int, int]:
+    """``512x768`` (also ``512X768``, ``512*768``, or ``512`` for a square); both multiples of 8, 64..4096."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX*×]\s*(\d+))?\s*", text)
+    if not match:
+        raise ValueError("is not a size; write WIDTHxHEIGHT, e.g. 512x512 or 768x512")
+    width = int(match.group(1))
+    height = int(match.group(2) or width)
+    for dim in (width, height):
+        if dim % 8 or not 64 <= dim <= 4096:
+            raise ValueError(f"{width}x{height}: width and height must be multiples of 8 from 64 to 4096, "
+                             "e.g. 512x512")
+    return width, height
+
+
+def to_dim(text: str) -> int:
+    width, _ = to_size(text)
+    return width
+
+
+def to_sampler(text: str) -> str:
+    """A sampler by any spelling A1111, ComfyUI or InvokeAI (``k_euler_a``) users know; the canonical name."""
+    name = text.strip()
+    if name.lower().startswith("k_"):
+        name = name[2:]
+    return find_sampler(name).name  # SamplerError (listing the valid names) passes through as itself
+
+
+# -- the generation line ------------------------------------------------------------------------------
+
+GENERATION_OPTIONS: tuple[Option, ...] = (
+    Option("negative", ("--neg", "--negative", "--negative-prompt", "--negative_prompt"), to_text, "TEXT"),
+    Option("steps", ("--steps", "-s"), to_int(1, 1000), "N"),
+    Option("cfg", ("--cfg", "--cfg-scale", "--cfg_scale", "-C"), to_float(0, 100), "F"),
+    Option("seed", ("--seed", "-S"), to_seed, "N"),
+    Option("size", ("--size",), to_size, "WxH"),
+    Option("sampler", ("--sampler", "--sampler-name", "--sampler_name", "-A"), to_sampler, "NAME"),
+    Option("n", ("--n", "-n", "--n-iter", "--batch-count"), to_int(1, 64), "N"),
+    Option("width", ("--width", "-W"), to_dim, "W"),
+    Option("height", ("--height", "-H"), to_dim, "H"),
+    Option("clip_skip", ("--clip-skip", "--clip_skip"), to_int(1, 12), "N"),
+)
+
+
+@dataclass
+class GenerationLine:
+    """What a generation line says; None means "not given" (the session default applies).
+
+    ``width``/``height`` may come alone (``-W 768``); the session fills the other from its default size.
+    """
+
+    prompt: str
+    negative: str | None = None
+    steps: int | None = None
+    cfg: float | None = None
+    seed: int | None = None
+    seed_given: bool = False
+    width: int | None = None
+    height: int | None = None
+    sampler: str | None = None
+    n: int | None = None
+    clip_skip: int | None = None
+
+
+def parse_generation(text: str) -> GenerationLine:
+    """Parse ``PROMPT [--neg TEXT] [--steps N] ...``; raise UsageError/PromptError/SamplerError."""
+    head, values = split_options(text, GENERATION_OPTIONS, where="generation line", short=True,
+                                 value_error=PromptError)
+    if len(head) >= 2 and head[0] == head[-1] and head[0] in "\"'" and head[0] not in head[1:-1]:
+        head = head[1:-1].strip()  # InvokeAI's habit: "a prompt in quotes" -s 30
+    line = GenerationLine(prompt=head)
+    for key in ("negative", "steps", "cfg", "sampler", "n", "clip_skip"):
+        if key in values:
+            setattr(line, key, values[key])
+    if "seed" in values:
+        line.seed, line.seed_given = values["seed"], True
+    if "size" in values:
+        line.width, line.height = values["size"]
+    line.width = values.get("width", line.width)
+    line.height = values.get("height", line.height)
+    return line
+
+
+def generation_help() -> str:
+    return "PROMPT " + " ".join(f"[{opt.spelling}]" for opt in GENERATION_OPTIONS[:7])

@@ -1,0 +1,239 @@
+"""Human renderings of results: plain text, no colours, one line per fact, aligned tables.
+
+Scripted sessions print these verbatim and the interactive REPL prints them above the prompt, so they
+must read well in a pipe too: no escape codes, no widths that depend on the terminal. Every function
+takes the JSON-shaped result a line produced (daemon replies pass through unchanged) and returns text.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+SEP = " · "
+
+
+def budget(tokens: dict[str, Any] | None) -> str:
+    """``12/75`` from a tokens result (``?`` when the daemon sent none)."""
+    if not tokens:
+        return "?"
+    return f"{tokens.get('count', '?')}/{tokens.get('limit', '?')}"
+
+
+def display_path(path: str, cwd: Path | None) -> str:
+    """A path as the user would type it: relative to the session folder when it lies inside it."""
+    if cwd is None:
+        return path
+    try:
+        rel = os.path.relpath(path, cwd)
+    except ValueError:
+        return path
+    return path if rel.startswith("..") else rel
+
+
+def generation(result: dict[str, Any], cwd: Path | None = None) -> str:
+    """One line per picture: ``outputs/.../00001-1234.png  (seed 1234, 12/75 tokens, 0.8 s)``."""
+    tokens = result.get("tokens") or {}
+    facts = [f"{budget(tokens)} tokens"]
+    negative = tokens.get("negative")
+    if negative and negative.get("count"):
+        facts.append(f"neg {budget(negative)}")
+    elapsed = result.get("elapsed_s")
+    if isinstance(elapsed, (int, float)):
+        facts.append(f"{elapsed:.1f} s")
+    bare = list(tokens.get("bare") or []) + list((negative or {}).get("bare") or [])
+    if bare:
+        facts.append("bare words as embeddings: " + ", ".join(bare))
+    lines = []
+    for image in result.get("images") or []:
+        lines.append(f"{display_path(str(image.get('path')), cwd)}  (seed {image.get('seed')}, {', '.join(facts)})")
+    return "\n".join(lines) or "no pictures were made"
+
+
+def tokens(result: dict[str, Any]) -> str:
+    """``tokens 12/75 · neg 0/75 · embeddings: bad-hands-5``, then chunks and bare-word notes."""
+    negative = result.get("negative") or {}
+    parts = [f"tokens {budget(result)}", f"neg {budget(negative)}"]
+    names = list(result.get("embeddings") or [])
+    neg_names = [n for n in negative.get("embeddings") or [] if n not in names]
+    if names or neg_names:
+        parts.append("embeddings: " + ", ".join(names + neg_names))
+    lines = [SEP.join(parts)]
+    for label, side in (("", result), ("neg ", negative)):
+        chunk_texts = side.get("chunk_texts") or []
+        if len(chunk_texts) > 1:
+            for i, text in enumerate(chunk_texts, start=1):
+                lines.append(f"  {label}chunk {i}: {text}")
+        if side.get("bare"):
+            lines.append(f"  {label}bare words taken as embeddings: " + ", ".join(side["bare"]))
+    return "\n".join(lines)
+
+
+def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> list[str]:
+    """Left-aligned columns separated by two spaces; the last column is not padded."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    out = []
+    for row in [header, *rows]:
+        cells = [str(c).ljust(widths[i]) if i < len(row) - 1 else str(c) for i, c in enumerate(row)]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+def _short_hash(value: Any) -> str:
+    return str(value)[:10] if value else "-"
+
+
+def embeddings(result: dict[str, Any]) -> str:
+    """The library: aligned table of loaded embeddings, then skipped files with reasons, then warnings."""
+    loaded = result.get("embeddings") or []
+    lines: list[str] = []
+    if loaded:
+        rows = [
+            [str(e.get("name")), str(e.get("vectors", "?")), _width(e.get("width")), str(e.get("format") or "-"),
+             Path(str(e.get("path") or "-")).name, "-" if e.get("step") is None else str(e.get("step")),
+             _short_hash(e.get("hash"))]
+            for e in sorted(loaded, key=lambda e: str(e.get("name")).lower())
+        ]
+        lines += table(rows, ["trigger", "vectors", "width", "format", "file", "step", "hash"])
+    else:
+        lines.append("no embeddings loaded (put .pt/.safetensors/.bin files in the embeddings folder)")
+    skipped = result.get("skipped") or []
+    if skipped:
+        lines.append(f"skipped {len(skipped)} file(s):")
+        lines += [f"  {Path(str(s.get('path'))).name}: {s.get('reason', 'no reason given')}" for s in skipped]
+    lines += [f"warning: {w}" for w in result.get("warnings") or []]
+    return "\n".join(lines)
+
+
+def _width(width: Any) -> str:
+    if isinstance(width, (list, tuple)):
+        return "+".join(str(w) for w in width)
+    if isinstance(width, dict):
+        return "+".join(f"{k}:{v}" for k, v in width.items())
+    return "?" if width is None else str(width)
+
+
+def show(embedding: dict[str, Any]) -> str:
+    """One embedding, one ``key: value`` line per field (norms rounded, so the line stays readable)."""
+    lines = []
+    for key, value in embedding.items():
+        if key == "norms" and isinstance(value, list):
+            value = ", ".join(f"{v:.4g}" if isinstance(v, (int, float)) else str(v) for v in value)
+        elif key == "width":
+            value = _width(value)
+        elif key == "mtime" and isinstance(value, (int, float)):
+            value = datetime.datetime.fromtimestamp(value).isoformat(sep=" ", timespec="seconds")
+        elif key == "size" and isinstance(value, int):
+            value = f"{value} bytes"
+        elif isinstance(value, (list, tuple)):
+            value = ", ".join(map(str, value)) or None
+        lines.append(f"{key + ':':<12} {'-' if value is None else value}")
+    return "\n".join(lines)
+
+
+def job(job: dict[str, Any] | None) -> str:
+    """A training job in one line: name, state, step/total, loss, lr, speed, eta, file."""
+    if not job:
+        return "no training job"
+    parts = [f"training {job.get('name', '?')}: {job.get('state', '?')}",
+             f"step {job.get('step', '?')}/{job.get('total', '?')}"]
+    for key, fmt in (("loss", "loss {:.4g}"), ("lr", "lr {:g}"), ("it_s", "{:.2f} it/s")):
+        if isinstance(job.get(key), (int, float)):
+            parts.append(fmt.format(job[key]))
+    if isinstance(job.get("eta_s"), (int, float)) and job.get("state") == "running":
+        parts.append(f"eta {duration(job['eta_s'])}")
+    if job.get("path"):
+        parts.append(f"-> {job['path']}")
+    if job.get("error"):
+        parts.append(f"error: {job['error']}")
+    return SEP.join(parts)
+
+
+def trained(result: dict[str, Any]) -> str:
+    emb = result.get("embedding") or {}
+    loss = emb.get("final_loss")
+    loss_text = f", final loss {loss:.4g}" if isinstance(loss, (int, float)) else ""
+    return f"trained {emb.get('name', '?')}: {emb.get('steps', '?')} steps{loss_text} -> {emb.get('path', '?')}"
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def change(result: dict[str, Any]) -> str:
+    """What a rescan changed, one line per kind of change; ``no changes`` when nothing moved."""
+    moved = result.get("change") or {}
+    lines = []
+    for key in ("added", "updated", "removed"):
+        names = moved.get(key) or []
+        if names:
+            lines.append(f"{key}: " + ", ".join(names))
+    for item in moved.get("skipped") or []:
+        lines.append(f"skipped {Path(str(item.get('path'))).name}: {item.get('reason', 'no reason given')}")
+    lines += [f"no longer skipped: {Path(str(p)).name}" for p in moved.get("unskipped") or []]
+    lines += [f"warning: {w}" for w in moved.get("warnings") or []]
+    return "\n".join(lines) or "rescanned: no changes"
+
+
+def preprocess(result: dict[str, Any]) -> str:
+    lines = [f"wrote {result.get('written', 0)} picture(s) to {result.get('dst', '?')}"]
+    skipped = result.get("skipped") or []
+    lines += [f"  skipped {Path(str(s.get('path'))).name}: {s.get('reason', 'no reason given')}" for s in skipped]
+    return "\n".join(lines)
+
+
+def status(s: dict[str, Any]) -> str:
+    """The daemon's status in a few lines, as ``sdrepl status`` shows it."""
+    model = s.get("model") or {}
+    uptime = s.get("uptime_s")
+    lines = [f"daemon pid {s.get('pid', '?')}, version {s.get('version', '?')}, state {s.get('state', '?')}"
+             + (f", up {duration(uptime)}" if isinstance(uptime, (int, float)) else "")]
+    if model:
+        size = model.get("native_size")
+        size_text = (f"{size[0]}x{size[1]}" if isinstance(size, (list, tuple)) and len(size) == 2
+                     else f"{size}x{size}" if isinstance(size, int) else size)
+        lines.append(f"model {model.get('model', '?')} ({model.get('family', '?')}, {model.get('device', '?')} "
+                     f"{model.get('dtype', '?')}, native {size_text})")
+    else:
+        lines.append("model: not loaded")
+    memory = s.get("memory") or {}
+    if memory:
+        lines.append("memory " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()
+                                            if isinstance(v, (int, float))))
+    emb = s.get("embeddings") or {}
+    lines.append(f"embeddings {emb.get('loaded', '?')} loaded, {emb.get('skipped', '?')} skipped")
+    queue = s.get("queue") or {}
+    lines.append(f"queue {queue.get('pending', 0)} pending, running: {queue.get('running') or 'nothing'}")
+    lines.append(job(s.get("training")))
+    return "\n".join(lines)
+
+
+def history(entries: Sequence[tuple[int, str]]) -> str:
+    if not entries:
+        return "no matching history"
+    width = len(str(entries[-1][0]))
+    return "\n".join(f"{n:>{width}}  {text.replace(chr(10), ' ⏎ ')}" for n, text in entries)
+
+
+def defaults(values: dict[str, Any]) -> str:
+    width = max(len(k) for k in values)
+    return "\n".join(f"{k:<{width}}  {format_value(k, v)}" for k, v in values.items())
+
+
+def format_value(key: str, value: Any) -> str:
+    """How ``!set`` shows a default: ``random`` for no seed, ``native`` for no size, quotes for text."""
+    if key == "seed" and value is None:
+        return "random"
+    if key == "size" and value is None:
+        return "native"
+    if key == "negative":
+        return repr(value) if value == "" else str(value)
+    return str(value)

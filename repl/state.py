@@ -1,0 +1,247 @@
+"""The one state object of the interactive REPL, and the feed that keeps it in step with the daemon.
+
+Everything the screen shows (completion menu, bottom toolbar, notifications) is read from a
+:class:`ReplState` at draw time, as ptpython does: a daemon event or a background reply changes the state
+and calls ``invalidate()``; nothing on the screen holds a copy. The state itself never talks to the
+daemon; :class:`StateFeed` does (initial ``hello``/``status``/``embeddings``, then events), so the state
+can be built by hand in unit tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("sdrepl.repl")
+
+
+@dataclass
+class Budget:
+    """The last ``tokens`` reply and what it was for (so a stale reply is never shown as current)."""
+
+    prompt: str
+    negative: str
+    result: dict[str, Any] | None = None
+    error: str | None = None
+
+
+@dataclass
+class ReplState:
+    """What the REPL knows about the daemon and the line being typed; read by the UI at every redraw."""
+
+    embeddings: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    library_version: int | None = None
+    budget: Budget | None = None
+    model: dict[str, Any] | None = None
+    model_state: str = "unknown"
+    training: dict[str, Any] | None = None
+    queue: dict[str, Any] = field(default_factory=lambda: {"pending": 0, "running": None})
+    progress: dict[str, Any] | None = None
+    running_request: Any = None
+    daemon_gone: str | None = None
+    notifications: deque[str] = field(default_factory=lambda: deque(maxlen=200))
+    listeners: list[Callable[[], None]] = field(default_factory=list)
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    def embedding_names(self) -> list[str]:
+        return [e["name"] for e in self.embeddings]
+
+    def find_embedding(self, name: str) -> dict[str, Any] | None:
+        folded = name.lower()
+        for emb in self.embeddings:
+            if emb["name"].lower() == folded or str(emb.get("qualified", "")).lower() == folded:
+                return emb
+        return None
+
+    # -- writing (each ends with changed(), which redraws the screen) -----------------------------------
+
+    def changed(self) -> None:
+        """Tell the UI to redraw; a failing listener is logged, never raised into the caller."""
+        for listener in list(self.listeners):
+            try:
+                listener()
+            except Exception:  # the screen must not take the state down with it
+                log.exception("state listener failed")
+
+    def notify(self, text: str) -> None:
+        self.notifications.append(text)
+        self.changed()
+
+    def set_embeddings(self, result: dict[str, Any]) -> None:
+        """Replace the library with an ``embeddings`` reply (the full truth; events only say what moved)."""
+        self.embeddings = sorted(result.get("embeddings", []), key=lambda e: e["name"].lower())
+        self.skipped = list(result.get("skipped", []))
+        self.library_version = result.get("version", self.library_version)
+        self.changed()
+
+    def set_model(self, model: dict[str, Any] | None, state: str | None = None) -> None:
+        self.model = model
+        if state:
+            self.model_state = state
+        self.changed()
+
+    def set_status(self, status: dict[str, Any]) -> None:
+        """Take model, queue and training job from a ``status`` reply."""
+        self.model = status.get("model")
+        self.model_state = status.get("state") or self.model_state
+        self.queue = status.get("queue") or self.queue
+        self.training = status.get("training")
+        self.changed()
+
+    def set_budget(self, budget: Budget) -> None:
+        self.budget = budget
+        self.changed()
+
+    def apply_event(self, event: dict[str, Any]) -> list[str]:
+        """Fold one daemon event into the state; return the notification lines it deserves.
+
+        An ``embeddings`` event carries names only: added names become completable at once (with their
+        details unknown until the feed's refresh arrives) and removed names stop being offered at once.
+        """
+        kind = event.get("event")
+        lines: list[str] = []
+        if kind == "embeddings":
+            change = event.get("change") or {}
+            lines = describe_library_change(change)
+            known = {e["name"] for e in self.embeddings}
+            removed = set(change.get("removed") or [])
+            self.embeddings = [e for e in self.embeddings if e["name"] not in removed]
+            for name in change.get("added") or []:
+                if name not in known:
+                    self.embeddings.append({"name": name})
+            self.embeddings.sort(key=lambda e: e["name"].lower())
+            self.library_version = event.get("version", self.library_version)
+        elif kind == "model":
+            self.model_state = event.get("state") or self.model_state
+            if "model" in event:
+                self.model = event.get("model") or self.model
+            if event.get("state") in ("error", "unloaded") and event.get("message"):
+                lines = [f"model {event['state']}: {event['message']}"]
+        elif kind == "queue":
+            self.queue = {"pending": event.get("pending", 0), "running": event.get("running")}
+        elif kind == "progress":
+            self.progress = {k: event.get(k) for k in ("request", "step", "total")}
+        elif kind == "train":
+            job = event.get("job") or {}
+            before = (self.training or {}).get("state")
+            self.training = job
+            if job.get("state") != before and job.get("state") in ("done", "failed", "stopped", "paused"):
+                lines = [describe_job_end(job)]
+        elif kind == "shutdown":
+            self.daemon_gone = event.get("reason") or "the daemon is stopping"
+            lines = [f"daemon stopping: {self.daemon_gone}"]
+        for line in lines:
+            self.notifications.append(line)
+        self.changed()
+        return lines
+
+
+def describe_library_change(change: dict[str, Any]) -> list[str]:
+    """Human lines for an ``embeddings`` change: what appeared, changed, disappeared, and why files were skipped."""
+    lines = []
+    for key, verb in (("added", "new"), ("updated", "updated"), ("removed", "removed")):
+        names = change.get(key) or []
+        if names:
+            lines.append(f"embeddings {verb}: " + ", ".join(f"<{n}>" for n in names))
+    for item in change.get("skipped") or []:
+        lines.append(f"skipped {Path(str(item.get('path', '?'))).name}: {item.get('reason', 'no reason given')}")
+    for path in change.get("unskipped") or []:
+        lines.append(f"no longer skipped: {Path(str(path)).name}")
+    for warning in change.get("warnings") or []:
+        lines.append(f"warning: {warning}")
+    return lines
+
+
+def describe_job_end(job: dict[str, Any]) -> str:
+    name, state = job.get("name", "?"), job.get("state", "?")
+    if state == "failed":
+        return f"training {name} failed: {job.get('error') or 'see the daemon log'}"
+    where = f" -> {job['path']}" if job.get("path") else ""
+    return f"training {name} {state} at step {job.get('step', '?')}/{job.get('total', '?')}{where}"
+
+
+class StateFeed:
+    """Keeps a :class:`ReplState` live from one daemon connection: initial snapshot, then its events.
+
+    After an ``embeddings`` event the full list is fetched again (coalesced: one refresh in flight at a
+    time, one more queued at most), so completion metadata (vectors, file) follows without a restart.
+    """
+
+    def __init__(self, client: Any, state: ReplState) -> None:
+        self.client = client
+        self.state = state
+        self._refresh_task: asyncio.Task | None = None
+        self._refresh_again = False
+        self._background: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        """Read the daemon's present state and subscribe to its events (the client must send events)."""
+        hello = getattr(self.client, "hello", None) or {}
+        if isinstance(hello.get("model"), dict):
+            self.state.set_model(hello["model"], hello.get("state"))
+        elif hello.get("state"):
+            self.state.model_state = hello["state"]
+        self.client.add_event_listener(self.on_event)
+        try:
+            self.state.set_status(await self.client.request("status"))
+        except Exception as exc:  # a missing status is cosmetic; the REPL still works
+            log.warning("status request failed: %s", exc)
+        await self.refresh_embeddings()
+
+    async def refresh_embeddings(self) -> None:
+        try:
+            self.state.set_embeddings(await self.client.request("embeddings"))
+        except Exception as exc:
+            log.warning("embeddings request failed: %s", exc)
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        """Event listener (runs on the loop): fold into the state, refresh details when the library moved."""
+        try:
+            self.state.apply_event(event)
+            if event.get("event") == "embeddings":
+                self.schedule_refresh()
+            elif event.get("event") == "model" and event.get("state") == "ready":
+                self._spawn(self._refresh_status())
+        except Exception:
+            log.exception("could not apply daemon event %r", event.get("event"))
+
+    def schedule_refresh(self) -> None:
+        if self._refresh_task and not self._refresh_task.done():
+            self._refresh_again = True
+            return
+        self._refresh_task = self._spawn(self._refresh_loop())
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            self._refresh_again = False
+            await self.refresh_embeddings()
+            if not self._refresh_again:
+                return
+
+    async def _refresh_status(self) -> None:
+        try:
+            self.state.set_status(await self.client.request("status"))
+        except Exception as exc:
+            log.warning("status request failed: %s", exc)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        for task in list(self._background):
+            try:
+                await task
+            except BaseException:
+                pass

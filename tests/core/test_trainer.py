@@ -1,0 +1,239 @@
+"""The training loop on the tiny model (CPU): it learns, logs, resumes bit for bit, stops on NaN, and
+changes nothing but the embedding's vectors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from sdrepl.core.embedding import SINGLE, Embedding
+from sdrepl.core.errors import TrainingError
+from sdrepl.core.formats import read_embedding, write_embedding
+from sdrepl.core.training.checkpoint import load_checkpoint
+from sdrepl.core.training.options import TrainOptions
+from sdrepl.core.training.plan import plan_run
+from sdrepl.core.training.trainer import Trainer, TrainingDiverged
+
+COLORS = {"red": (230, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 230), "yellow": (240, 220, 40),
+          "cyan": (40, 220, 220), "magenta": (220, 40, 200), "grey": (128, 128, 128), "orange": (250, 140, 20)}
+
+
+def make_pictures(folder: Path) -> Path:
+    """Eight 64x64 pictures of colored shapes, named A1111-style so [filewords] gives 'a red circle' etc."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (name, color) in enumerate(COLORS.items()):
+        image = Image.new("RGB", (64, 64), (255, 255, 255))
+        draw = ImageDraw.Draw(image)
+        shape = "circle" if i % 2 else "square"
+        (draw.ellipse if i % 2 else draw.rectangle)([6 + i, 8, 54 - i, 56], fill=color)
+        image.save(folder / f"{i + 1:06d}-0-a {name} {shape}.png")
+    return folder
+
+
+def new_trainer(model, root: Path, **params) -> Trainer:
+    options = TrainOptions.from_params({"name": "shapes", "data": str(root / "data"), "seed": 1234,
+                                        "save_every": 0, "preview_every": 0, **params})
+    plan = plan_run(model, options, embeddings_dir=root / "embeddings", cwd=root)
+    return Trainer(model, plan)
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    pipe = model.pipe
+    return {f"{part}.{k}": v.detach().clone() for part in ("unet", "vae", "text_encoder")
+            for k, v in getattr(pipe, part).state_dict().items()}
+
+
+def eval_loss(trainer: Trainer, vectors: torch.Tensor) -> float:
+    """The loss on a fixed set (every picture at fixed timesteps and noise) for ``vectors``."""
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.stack(trainer.data.latents)
+    texts = [f"a photo of a [name], {p.caption}" for p in trainer.data.pictures]
+    total = 0.0
+    with torch.no_grad():
+        cond = trainer.text.encode(texts, vectors)
+        for t in (100, 300, 500, 700, 900):
+            noise = torch.randn(latents.shape, generator=gen)
+            steps = torch.full((len(texts),), t)
+            noisy = trainer.noise_scheduler.add_noise(latents, noise, steps)
+            pred = trainer.pipe.unet(noisy, steps, encoder_hidden_states=cond).sample
+            total += float(torch.nn.functional.mse_loss(pred, noise))
+    return total / 5
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tmp_path_factory):
+    """One 50-step run shared by the tests that look at its results."""
+    root = tmp_path_factory.mktemp("train")
+    make_pictures(root / "data")
+    before = snapshot(tiny_model)
+    trainer = new_trainer(tiny_model, root, steps=50, lr="0.05", save_every=25, preview_every=25,
+                          log_dir=str(root / "log"))
+    initial = trainer.current_vectors()
+    losses = [trainer.step().loss for _ in range(50)]
+    final = trainer.finish()
+    trainer.close()
+    return {"root": root, "trainer": trainer, "losses": losses, "final": final, "before": before,
+            "initial": initial, "after": snapshot(tiny_model)}
+
+
+def test_fifty_steps_lower_the_loss(trained):
+    losses = trained["losses"]
+    assert all(math.isfinite(x) for x in losses)
+    assert statistics.mean(losses[-10:]) < statistics.mean(losses[:10])
+    trainer = trained["trainer"]
+    assert eval_loss(trainer, trainer.current_vectors()) < eval_loss(trainer, trained["initial"])
+
+
+def test_every_log_output_is_written(trained):
+    root, log = trained["root"], trained["root"] / "log"
+    rows = list(csv.reader((log / "loss.csv").read_text(encoding="utf-8").splitlines()))
+    assert rows[0] == ["step", "epoch", "loss", "learning_rate"]
+    assert [int(r[0]) for r in rows[1:]] == list(range(1, 51))
+    assert float(rows[-1][3]) == 0.05 and int(rows[-1][1]) == 6  # 50 pictures used of 8 a epoch
+    settings = json.loads((log / "settings.json").read_text())
+    assert settings["seed"] == 1234 and settings["options"]["steps"] == 50 and settings["pictures"] == 8
+    for step in (25, 50):
+        assert read_embedding(log / "embeddings" / f"shapes-{step}.safetensors").step == step
+    assert Image.open(log / "images" / "shapes-25.png").size == (64, 64)
+    assert Image.open(log / "images" / "shapes-50.png").size == (64, 64)
+    card = read_embedding(log / "images" / "shapes-50.card.png")
+    assert card.step == 50 and card.vectors[SINGLE].shape == (1, 768)
+    assert load_checkpoint(log / "checkpoint.pt")["step"] == 50
+    assert trained["final"] == root / "embeddings" / "shapes.safetensors"
+    data = read_embedding(trained["final"])
+    assert data.step == 50 and data.init_text == "*"
+    assert torch.equal(data.vectors[SINGLE], trained["trainer"].current_vectors())
+
+
+def test_only_the_vectors_change(trained):
+    before, after = trained["before"], trained["after"]
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == []
+    assert not torch.equal(trained["initial"], trained["trainer"].current_vectors())
+    pipe = trained["trainer"].pipe
+    assert not any(p.requires_grad for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters())
+
+
+@pytest.mark.parametrize("latents", ["once", "random"])
+def test_resume_gives_the_same_vectors_as_an_uninterrupted_run(tiny_model, tmp_path, latents):
+    make_pictures(tmp_path / "data")
+    params = {"steps": 6, "batch": 2, "flip": True, "shuffle_tags": True, "tag_dropout": 0.3, "latents": latents,
+              "filename_regex": r"\w+", "join": ", ", "lr": "0.05:3, 0.02"}
+    straight = new_trainer(tiny_model, tmp_path, **params, log_dir=str(tmp_path / "a-log"))
+    for _ in range(6):
+        straight.step()
+    straight.close()
+
+    first = new_trainer(tiny_model, tmp_path, **params, log_dir=str(tmp_path / "b-log"))
+    for _ in range(3):
+        first.step()
+    first.save_checkpoint()
+    first.close()
+    options = TrainOptions.from_params({"name": "shapes", "resume": True, "log_dir": str(tmp_path / "b-log")})
+    resumed = Trainer(tiny_model, plan_run(tiny_model, options, embeddings_dir=tmp_path / "embeddings",
+                                           cwd=tmp_path))
+    assert resumed.step_count == 3 and resumed.total == 6 and resumed.seed == 1234
+    while not resumed.finished:
+        resumed.step()
+    resumed.close()
+    assert torch.equal(straight.current_vectors(), resumed.current_vectors())
+    rows = list(csv.reader((tmp_path / "b-log" / "loss.csv").read_text(encoding="utf-8").splitlines()))
+    assert [int(r[0]) for r in rows[1:]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_without_a_checkpoint_says_where_it_looked(tiny_model, tmp_path):
+    options = TrainOptions.from_params({"name": "ghost", "resume": True})
+    with pytest.raises(TrainingError, match=r"no checkpoint found \(looked for .*textual_inversion/\*/ghost"):
+        plan_run(tiny_model, options, embeddings_dir=tmp_path / "e", cwd=tmp_path)
+
+
+@pytest.mark.parametrize("how", ["nan-loss", "huge-lr"])
+def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model, tmp_path, monkeypatch, how):
+    make_pictures(tmp_path / "data")
+    lr = "0.005:2, 1e30" if how == "huge-lr" else "0.005"  # two good steps and a checkpoint, then a blow-up
+    trainer = new_trainer(tiny_model, tmp_path, steps=50, lr=lr, save_every=2, log_dir=str(tmp_path / "log"))
+    if how == "nan-loss":
+        calls = {"n": 0}
+        real = trainer.loss_fn
+
+        def poisoned(pred, target):
+            calls["n"] += 1
+            return real(pred, target) * (float("nan") if calls["n"] == 4 else 1.0)
+
+        monkeypatch.setattr(trainer, "loss_fn", poisoned)
+    with pytest.raises(TrainingDiverged) as info:
+        for _ in range(10):
+            trainer.step()
+    message = str(info.value)
+    assert "training stopped" in message and "last good checkpoint (step 2)" in message and "--lr" in message
+    assert load_checkpoint(tmp_path / "log" / "checkpoint.pt")["step"] == 2
+    assert trainer.finished and torch.isfinite(trainer.current_vectors()).all()
+    assert trainer.save_checkpoint() is None  # nothing is saved over the good checkpoint
+    with pytest.raises(TrainingError, match="training stopped"):
+        trainer.finish()
+    trainer.close()
+    assert not (tmp_path / "embeddings" / "shapes.safetensors").exists()
+
+
+def _existing(path: Path, step: int) -> Embedding:
+    write_embedding(path, {SINGLE: torch.ones(1, 768)}, name=path.stem, step=step)
+    return Embedding(path.stem, path.stem, path, read_embedding(path), sha256="0" * 64)
+
+
+def test_an_existing_embedding_is_not_replaced_without_overwrite(tiny_model, tmp_path):
+    make_pictures(tmp_path / "data")
+    existing = _existing(tmp_path / "embeddings" / "shapes.safetensors", step=300)
+    options = TrainOptions.from_params({"name": "shapes", "data": str(tmp_path / "data")})
+    with pytest.raises(TrainingError, match=r"already exists \(.*shapes.safetensors\).*add --overwrite"):
+        plan_run(tiny_model, options, embeddings_dir=tmp_path / "embeddings", cwd=tmp_path, existing=existing)
+    with pytest.raises(TrainingError, match="already exists"):  # the file alone, not yet in a library
+        plan_run(tiny_model, options, embeddings_dir=tmp_path / "embeddings", cwd=tmp_path)
+    allowed = TrainOptions.from_params({"name": "shapes", "data": str(tmp_path / "data"), "overwrite": True})
+    plan = plan_run(tiny_model, allowed, embeddings_dir=tmp_path / "embeddings", cwd=tmp_path, existing=existing)
+    assert plan.replace_ok and torch.equal(plan.vectors, torch.ones(1, 768))  # trains on from the file
+
+
+def test_an_untrained_created_embedding_may_be_trained(tiny_model, tmp_path):
+    existing = _existing(tmp_path / "embeddings" / "shapes.safetensors", step=0)
+    options = TrainOptions.from_params({"name": "shapes", "data": str(tmp_path / "data")})
+    plan = plan_run(tiny_model, options, embeddings_dir=tmp_path / "embeddings", cwd=tmp_path, existing=existing)
+    assert plan.replace_ok
+
+
+def test_gradient_checkpointing_gives_the_same_step_and_is_switched_off_after(tiny_model, tmp_path):
+    make_pictures(tmp_path / "data")
+    results = []
+    for checkpointing in (False, True):
+        trainer = new_trainer(tiny_model, tmp_path, steps=2, gradient_checkpointing=checkpointing,
+                              log_dir=str(tmp_path / f"log-{checkpointing}"))
+        trainer.step(), trainer.step()
+        assert tiny_model.pipe.unet.is_gradient_checkpointing is checkpointing
+        trainer.close()
+        results.append(trainer.current_vectors())
+    assert not tiny_model.pipe.unet.is_gradient_checkpointing
+    assert not tiny_model.pipe.text_encoder.training
+    assert torch.allclose(results[0], results[1], atol=1e-6)
+
+
+def test_temporaries_left_by_a_killed_save_are_removed(tiny_model, tmp_path):
+    make_pictures(tmp_path / "data")
+    log = tmp_path / "log"
+    (log / "embeddings").mkdir(parents=True)
+    stale = [log / ".checkpoint.pt.sdrepl-abc123.tmp", log / "embeddings" / ".shapes-5.safetensors.sdrepl-x.tmp",
+             tmp_path / "embeddings" / ".shapes.safetensors.sdrepl-y.tmp"]
+    other = tmp_path / "embeddings" / ".cat.safetensors.sdrepl-z.tmp"  # someone else's write: left alone
+    for path in [*stale, other]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    trainer = new_trainer(tiny_model, tmp_path, steps=1, log_dir=str(log))
+    trainer.close()
+    assert [p.exists() for p in stale] == [False, False, False] and other.exists()
+    assert "removed 3 temporary file(s)" in trainer.notes[-1]

@@ -1,0 +1,59 @@
+"""``run_repl``: the entry point's exits: no daemon, a bad ``--script``, an internal error; never a traceback."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from sdrepl.daemon.client import DaemonUnavailable
+from sdrepl.repl import main
+
+from sdrepl.config import Settings
+
+
+@pytest.fixture(autouse=True)
+def private_log(tmp_path, monkeypatch):
+    """Log into tmp, and give the ``sdrepl`` logger back as it was (other tests read it with caplog)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    logger = logging.getLogger("sdrepl")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    for handler in logger.handlers:
+        if handler not in saved[0]:
+            handler.close()
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def settings(tmp_path) -> Settings:
+    return Settings(socket=tmp_path / "s.sock")
+
+
+def test_a_missing_script_is_one_line_and_status_2(tmp_path, capsys):
+    assert main.run_repl(settings(tmp_path), script=tmp_path / "nope.txt") == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "--script" in err and "no such file" in err
+
+
+def test_no_daemon_is_one_line_and_status_2(tmp_path, capsys, monkeypatch):
+    def refuse(settings, **kwargs):
+        raise DaemonUnavailable("--model nope: no such file or folder")
+
+    monkeypatch.setattr("sdrepl.daemon.lifecycle.ensure_daemon", refuse)
+    (tmp_path / "lines.txt").write_text("!tokens cat\n")
+    assert main.run_repl(settings(tmp_path), script=tmp_path / "lines.txt") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(tmp_path / "s.sock") in err and "--model nope" in err
+
+
+def test_an_internal_error_names_the_log_and_shows_no_traceback(tmp_path, capsys, monkeypatch):
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("sdrepl.daemon.lifecycle.ensure_daemon", lambda settings, **kwargs: None)
+    monkeypatch.setattr(main, "_run", broken)
+    (tmp_path / "lines.txt").write_text("")
+    assert main.run_repl(settings(tmp_path), script=tmp_path / "lines.txt") == 1
+    err = capsys.readouterr().err
+    log_file = tmp_path / "state" / "sdrepl" / "repl.log"
+    assert err.startswith("sdrepl: internal error: RuntimeError: a bug") and str(log_file) in err
+    assert "Traceback" not in err and "Traceback" in log_file.read_text()
