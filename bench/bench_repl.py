@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prompt_toolkit.buffer import Buffer
+
 from sdrepl.daemon.client import DaemonClient, request_sync
 from sdrepl.repl.state import ReplState
 from sdrepl.repl.toolbar import BudgetTracker, budget_request, render_toolbar

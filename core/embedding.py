@@ -86,7 +86,7 @@ class Embedding:
             "name": self.trigger,
             "qualified": self.qualified,
             "vectors": self.num_vectors,
-            "width": widths[SINGLE] if SINGLE in widths else widths,
+            "width": widths.get(SINGLE, widths),
             "format": self.data.format,
             "path": str(self.path),
             "hash": self.short_hash,

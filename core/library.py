@@ -36,7 +36,7 @@ from sdrepl.core.errors import EmbeddingError, IncompatibleEmbedding
 from sdrepl.core.formats import NotAnEmbedding, decide_trigger, is_candidate, read_embedding_bytes
 from sdrepl.core.formats import read_file_bytes as _read_file_bytes
 from sdrepl.core.formats.common import EXTENSIONS
-from sdrepl.core.hashing import HashCache
+from sdrepl.core.hashing import HashCache, sha256_bytes
 
 
 def incompatibility(data: EmbeddingData, widths: dict[str, int], model_label: str) -> str | None:
@@ -189,10 +189,12 @@ class EmbeddingLibrary:
                     records[path] = record
             return self._commit(old, records, dirs, tuple(warnings))
 
-    def update_path(self, path: Path) -> LibraryChange:
+    def update_path(self, path: Path, *, force: bool = False) -> LibraryChange:
         """A file was created, modified or moved in (or a folder: its subtree is rescanned).
 
-        A path that no longer exists is treated as removed (events can arrive after the fact).
+        A path that no longer exists is treated as removed (events can arrive after the fact). ``force``
+        re-reads a file even when its size and mtime look unchanged: the watcher passes it for a
+        closed-after-write event, since an overwrite of the same size within one clock tick keeps both.
         """
         path = Path(os.path.abspath(path))
         if not path.exists():
@@ -218,7 +220,7 @@ class EmbeddingLibrary:
                     return LibraryChange()
                 candidates = [path]
             for file in candidates:
-                record = self._record(file, index, records.get(file))
+                record = self._record(file, index, records.get(file), force=force and not path.is_dir())
                 if record is None:
                     records.pop(file, None)
                 else:
@@ -371,13 +373,13 @@ class EmbeddingLibrary:
             stack.extend(reversed(subfolders))
         return files
 
-    def _record(self, path: Path, index: int, previous: _Record | None) -> _Record | None:
-        """Read ``path`` unless ``previous`` is still current; None when the file is gone."""
+    def _record(self, path: Path, index: int, previous: _Record | None, force: bool = False) -> _Record | None:
+        """Read ``path`` unless ``previous`` is still current (or ``force``); None when the file is gone."""
         try:
             st = os.stat(path)
         except OSError:
             return None
-        if previous is not None and (previous.size, previous.mtime_ns, previous.root) == (st.st_size, st.st_mtime_ns, index):
+        if not force and previous is not None and (previous.size, previous.mtime_ns, previous.root) == (st.st_size, st.st_mtime_ns, index):
             return previous
         root = str(self.folders[index])
         text = str(path)
@@ -389,7 +391,7 @@ class EmbeddingLibrary:
             return _Record(**base, ignored=True)
         except EmbeddingError as exc:
             return _Record(**base, error=exc.reason)
-        sha = self.hash_cache.sha256(path, data=raw, stat=st)
+        sha = sha256_bytes(raw) if force else self.hash_cache.sha256(path, data=raw, stat=st)
         try:
             return _Record(**base, data=read_embedding_bytes(path, raw), sha256=sha)
         except NotAnEmbedding:

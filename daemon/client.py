@@ -75,7 +75,7 @@ class DaemonClient:
                 asyncio.open_unix_connection(str(socket), limit=protocol.MAX_LINE), timeout)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise _no_daemon(socket) from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise _no_daemon(socket, f"no connection within {timeout:g} s") from exc
         except OSError as exc:
             raise _no_daemon(socket, exc.strerror or str(exc)) from exc
@@ -84,7 +84,7 @@ class DaemonClient:
         try:
             self.hello = await asyncio.wait_for(
                 self.request("hello", protocol=protocol.PROTOCOL_VERSION, client=client, events=events), timeout)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             await self.close()
             raise DaemonUnavailable(f"the daemon on {socket} did not answer hello within {timeout:g} s; it may "
                                     "be stuck: see its log, or `sdrepl stop` it") from exc

@@ -122,7 +122,7 @@ async def train(ctx: DaemonContext, params: dict, req: Request) -> dict:
     if not wait:
         return {"job": job.describe()}
     state = await job.wait_for(())
-    if state == "failed":
+    if state == "failed" or job.path is None:  # failed, or stopped by a daemon shutdown (checkpoint only)
         raise TrainingError(f"!train {job.name}: {job.error}")
     return job.result()
 

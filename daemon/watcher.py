@@ -220,7 +220,8 @@ class FolderWatcher:
             if op == "remove":
                 change = self.library.remove_path(Path(path))
             else:
-                change = self.library.update_path(Path(path))
+                # An event means the file changed, even when its size and mtime say otherwise.
+                change = self.library.update_path(Path(path), force=True)
         except Exception:
             log.exception("watcher: the library failed on %s %s", op, path)
             return

@@ -22,6 +22,7 @@ from prompt_toolkit import PromptSession
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.styles import Style
+
 from sdrepl.repl.completion import make_completer
 from sdrepl.repl.keys import AbandonBlock, make_key_bindings, sigint_handler
 from sdrepl.repl.lines import LineAssembler, LogicalLine

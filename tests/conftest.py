@@ -7,17 +7,19 @@ the developers' machines and in CI; ``SDREPL_SHARED`` points elsewhere when need
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SDREPL_SHARED", REPO.parent / "shared"))
-FIXTURES = SHARED / "fixtures" / "embeddings"
-A1111 = FIXTURES / "a1111"
-BIRB = FIXTURES / "diffusers" / "birb-style" / "learned_embeds.bin"
+sys.path.insert(0, str(Path(__file__).parent))  # test modules import fixture_paths (importlib mode)
+
+from fixture_paths import A1111, BIRB, FIXTURES, SHARED  # noqa: E402,F401
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models are faster on one thread than on two threads fighting over two cores (and over the
+# daemon processes the end-to-end tests start, which inherit this).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

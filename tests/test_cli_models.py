@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixture_paths import A1111
 
 from sdrepl.core.checkpoint_export import export_single_file, pipeline_to_ldm
 from sdrepl.core.errors import DeviceError, ModelError, SamplerError
 from sdrepl.core.models import load_model
 from sdrepl.core.samplers import make_scheduler, sampler_names
 
-SHARED = Path(os.environ.get("SDREPL_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
-EMBEDDING = SHARED / "fixtures" / "embeddings" / "a1111" / "EasyNegative.safetensors"
+EMBEDDING = A1111 / "EasyNegative.safetensors"
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (INFO|WARNING) ")
 
 

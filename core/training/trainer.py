@@ -102,7 +102,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(self.seed + 2)  # noise, timesteps, flips, random latents
         self.rng = random.Random(self.seed + 4)  # template lines, tag shuffle/dropout
         #: Draws of ``--latents once``: seeded alone, so a resumed run re-encodes the same samples.
-        self._encode_generator = torch.Generator().manual_seed(self.seed + 3)  # template lines, tag shuffle/dropout
+        self._encode_generator = torch.Generator().manual_seed(self.seed + 3)
         self.order = EpochOrder(len(self.data), opts.repeats, self.seed + 1)
         self.step_count = plan.start_step
         self.last_loss: float | None = None

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixture_paths import FIXTURES
 
 from sdrepl.core.convert import convert_embedding, embedding_from_file, main
 from sdrepl.core.embedding import SINGLE
 from sdrepl.core.errors import EmbeddingError
 from sdrepl.core.formats import decide_trigger, read_embedding
 from sdrepl.core.library import EmbeddingLibrary
-
-FIXTURES = Path("/work/shared/fixtures/embeddings")
 
 
 @pytest.fixture

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixture_paths import FIXTURES
 
 from sdrepl.core.errors import EmbeddingError
 from sdrepl.core.formats import NotAnEmbedding, read_embedding
 from sdrepl.core.formats.safetensors_file import encode_safetensors
-
-FIXTURES = Path("/work/shared/fixtures/embeddings")
 
 
 def a1111(vectors: object) -> dict:

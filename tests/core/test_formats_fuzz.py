@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from fixture_paths import FIXTURES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -13,7 +14,6 @@ from sdrepl.core.embedding import SINGLE
 from sdrepl.core.errors import EmbeddingError
 from sdrepl.core.formats import read_embedding, write_png_card
 
-FIXTURES = Path("/work/shared/fixtures/embeddings")
 SOURCES = sorted(p for p in FIXTURES.rglob("*") if p.is_file())
 
 

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixture_paths import FIXTURES
 
 from sdrepl.core.embedding import CLIP_G, CLIP_L, SINGLE
 from sdrepl.core.formats import NotAnEmbedding, decide_trigger, is_candidate, read_embedding
 from sdrepl.core.formats.safetensors_file import encode_safetensors
-
-FIXTURES = Path("/work/shared/fixtures/embeddings")
 
 FIXTURE_CASES = [
     ("a1111/bad-artist.pt", "bad-artist", 2),

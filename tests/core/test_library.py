@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixture_paths import FIXTURES
 
 from sdrepl.core import library as library_module
 from sdrepl.core.embedding import CLIP_G, CLIP_L, SINGLE
 from sdrepl.core.formats import write_embedding
 from sdrepl.core.library import EmbeddingLibrary, LibraryChange
 
-FIXTURES = Path("/work/shared/fixtures/embeddings")
 SD1 = {SINGLE: 768}
 
 
@@ -274,3 +274,17 @@ def test_reads_during_updates_see_consistent_snapshots(tmp_path: Path) -> None:
         thread.join()
     assert errors == []
     assert len(lib.embeddings()) == 10
+
+
+def test_forced_update_rereads_a_same_size_overwrite_with_the_same_mtime(tmp_path: Path) -> None:
+    """The watcher forces a re-read on a close event: an overwrite can keep both size and mtime."""
+    path = put(tmp_path / "same.pt", seed=1)
+    lib = scanned(tmp_path)
+    before = lib.get("same").sha256
+    stat = os.stat(path)
+    put(path, seed=2)  # same shape, so the same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(path).st_size == stat.st_size
+    assert not lib.update_path(path)  # size and mtime say "unchanged"
+    change = lib.update_path(path, force=True)
+    assert change.updated == ["same"] and lib.get("same").sha256 != before

@@ -237,3 +237,33 @@ def test_temporaries_left_by_a_killed_save_are_removed(tiny_model, tmp_path):
     trainer.close()
     assert [p.exists() for p in stale] == [False, False, False] and other.exists()
     assert "removed 3 temporary file(s)" in trainer.notes[-1]
+
+
+def test_clip_grad_value_limits_the_update(tiny_model, tmp_path):
+    make_pictures(tmp_path / "data")
+    moved = {}
+    for clip in (None, "value:1e-12"):
+        params = {"clip_grad": clip} if clip else {}
+        trainer = new_trainer(tiny_model, tmp_path, steps=1, lr="0.01", log_dir=str(tmp_path / f"log-{clip}"),
+                              **params)
+        start = trainer.current_vectors()
+        trainer.step()
+        trainer.close()
+        moved[clip] = float((trainer.current_vectors() - start).abs().max())
+    assert moved[None] == pytest.approx(0.01, rel=0.01)  # Adam's first step moves each value by about lr
+    assert moved["value:1e-12"] < 1e-5  # gradients below Adam's eps barely move anything
+
+
+def test_bf16_autocast_trains_on_the_cpu(tiny_model, tmp_path):
+    make_pictures(tmp_path / "data")
+    trainer = new_trainer(tiny_model, tmp_path, steps=2, precision="bf16", log_dir=str(tmp_path / "log"))
+    losses = [trainer.step().loss for _ in range(2)]
+    trainer.close()
+    assert trainer.precision == "bf16" and all(math.isfinite(x) for x in losses)
+    assert trainer.vectors.dtype == torch.float32  # the trained vectors stay full precision
+
+
+def test_fp16_on_the_cpu_is_refused_before_training(tiny_model, tmp_path):
+    make_pictures(tmp_path / "data")
+    with pytest.raises(TrainingError, match="--precision fp16 is not supported on the CPU"):
+        new_trainer(tiny_model, tmp_path, precision="fp16")

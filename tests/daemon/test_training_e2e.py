@@ -271,3 +271,22 @@ def test_preprocess_prepares_a_folder(shared_daemon):
             assert all(Image.open(p).size == (64, 64) for p in (root / "prepared").glob("*.png"))
 
     run(scenario(), timeout=120)
+
+
+async def _train_then_stop_daemon(proc: DaemonProcess, data: Path) -> int:
+    async with proc.client() as client:
+        await client.request("train", name="graceful", data=str(data), steps=10_000, save_every=0, seed=5)
+        while (job := (await client.request("train_status"))["job"])["step"] < 3:
+            await _sleep(0.05)
+        await client.request("shutdown")
+    return job["step"]
+
+
+def test_a_graceful_stop_saves_a_resumable_checkpoint(workdir):
+    root, proc = workdir
+    start_in(proc, root)
+    seen = run(_train_then_stop_daemon(proc, root / "data"), timeout=180)
+    assert proc.proc.wait(60) == 0
+    log_dir = next((root / "textual_inversion").glob("*/graceful"))
+    assert load_checkpoint(log_dir / "checkpoint.pt")["step"] >= seen >= 3  # with --save-every 0: the stop's own
+    assert "checkpoint" in proc.log() and leftovers(proc.embeddings, log_dir) == []

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from sdrepl.daemon.client import RemoteError
 
 TOKENS = {"count": 5, "limit": 75, "chunks": 1, "embeddings": ["bad-hands-5"], "bare": [],

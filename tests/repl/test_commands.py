@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from sdrepl.core.errors import TrainingError, UsageError
 from sdrepl.repl.commands import COMMANDS, find_command, help_text, split_command
 from sdrepl.repl.train_args import TRAIN_OPTIONS

@@ -17,6 +17,7 @@ from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
+
 from sdrepl.repl.completion import EmbeddingCompleter, embedding_meta, make_completer, rank
 from sdrepl.repl.state import ReplState, StateFeed
 

@@ -15,6 +15,7 @@ import pytest
 from prompt_toolkit.application import create_app_session
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
+
 from sdrepl.repl.interactive import InteractiveRepl
 from sdrepl.repl.state import ReplState
 

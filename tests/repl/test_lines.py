@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from sdrepl.repl.lines import LineAssembler, logical_text, needs_more_input, read_lines
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 
 import pytest
-from sdrepl.daemon.client import DaemonUnavailable
-from sdrepl.repl import main
 
 from sdrepl.config import Settings
+from sdrepl.daemon.client import DaemonUnavailable
+from sdrepl.repl import main
 
 
 @pytest.fixture(autouse=True)

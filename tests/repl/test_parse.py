@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from sdrepl.core.errors import PromptError, SamplerError, UsageError
 from sdrepl.repl.parse import escape, parse_generation, unescape
 

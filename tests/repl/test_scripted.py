@@ -10,6 +10,7 @@ import select
 import threading
 
 import pytest
+
 from sdrepl.daemon.client import DaemonUnavailable, RemoteError
 from sdrepl.repl.scripted import ProgressPrinter, run_script
 
@@ -100,6 +101,7 @@ def test_human_mode_writes_results_and_errors_to_stdout(make_fake):
 
 def test_fetch_prints_the_command(fake, tmp_path):
     from PIL import Image
+
     from sdrepl.core.pnginfo import build_parameters, png_text_chunks
 
     path = tmp_path / "p.png"

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 from PIL import Image
+
 from sdrepl.core.pnginfo import build_parameters, png_text_chunks
 from sdrepl.daemon.client import DaemonUnavailable, RemoteError
 from sdrepl.repl.session import LineResult, Session, SessionDefaults

@@ -14,6 +14,7 @@ import pytest
 from prompt_toolkit import PromptSession
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
+
 from sdrepl.core.budget import prompt_budget
 from sdrepl.core.embedding import SINGLE
 from sdrepl.core.errors import SdreplError
