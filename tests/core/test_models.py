@@ -25,16 +25,6 @@ from sdrepl.core.models import load_model
 COMPONENTS = ("unet", "vae", "text_encoder")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models are too small to gain from threads; on a busy shared machine two torch threads spin
-    against each other and a 64px picture takes seconds instead of a fraction of one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def offline(monkeypatch):
     """HF_HUB_OFFLINE=1, and any network connection fails loudly."""

@@ -13,16 +13,6 @@ from sdrepl.core.samplers import SAMPLERS, find_sampler, make_scheduler, sampler
 ALIASES = [(alias, s.name) for s in SAMPLERS for alias in s.aliases]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models are too small to gain from threads; on a busy shared machine two torch threads spin
-    against each other and a 64px picture takes seconds instead of a fraction of one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name", sampler_names())
 def test_every_name_makes_its_scheduler(name):
     sampler = find_sampler(name)

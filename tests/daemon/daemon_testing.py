@@ -62,12 +62,14 @@ class DaemonProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def start(self) -> DaemonProcess:
+    def start(self, cwd: Path | None = None) -> DaemonProcess:
+        """Start the daemon (in ``cwd``, where default training logs go) and wait until it answers."""
         from sdrepl.daemon.client import DaemonUnavailable, request_sync
 
         args = [sys.executable, "-m", "sdrepl", "serve", *self.settings.daemon_args(), *self.extra_args]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=daemon_env())
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=daemon_env(),
+                                         cwd=cwd)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -42,24 +42,7 @@ def make_pictures(folder: Path) -> Path:
 
 def start_in(proc: DaemonProcess, cwd: Path) -> DaemonProcess:
     """Start ``proc`` with ``cwd`` as its working folder (where default training logs go)."""
-    from sdrepl.daemon.client import DaemonUnavailable, request_sync
-
-    args = [sys.executable, "-m", "sdrepl", "serve", *proc.settings.daemon_args()]
-    with open(proc.log_path, "ab") as log:
-        proc.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=daemon_env(),
-                                     cwd=cwd)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.proc.poll() is not None:
-            raise RuntimeError(f"the daemon exited with {proc.proc.returncode}:\n{proc.log()}")
-        try:
-            if request_sync(proc.socket, "status", timeout=2.0).get("pid") == proc.proc.pid:
-                return proc
-        except DaemonUnavailable:
-            pass
-        time.sleep(0.1)
-    proc.stop()
-    raise RuntimeError(f"the daemon was not ready within 120 s:\n{proc.log()}")
+    return proc.start(cwd=cwd)
 
 
 def scripted(proc: DaemonProcess, cwd: Path, script: str, timeout: float = 400) -> list[dict]:
