@@ -10,7 +10,6 @@ Exit status: whatever the session says, 2 when no daemon can be reached or start
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import logging.handlers
 import sys
@@ -119,24 +118,33 @@ async def _run(settings: Any, lines: TextIO, *, scripted: bool, json_mode: bool,
 
 
 def ensure_daemon_blocking(settings: Any) -> None:
-    """Start the daemon (and wait for it) before the event loop, when ensure_daemon is a plain function.
+    """Start the daemon (and wait for it) before the event loop starts.
 
     Outside the loop, Ctrl-C during a long model load ends cleanly instead of waiting on a worker thread.
     """
     from sdrepl.daemon.lifecycle import ensure_daemon
 
-    if not inspect.iscoroutinefunction(ensure_daemon):
-        ensure_daemon(settings, on_status=print_status, timeout=300)
+    ensure_daemon(settings, on_status=print_status, timeout=300)
 
 
 async def connect(settings: Any, *, client_name: str) -> Any:
-    """Connect to the daemon on ``settings.socket`` (awaiting ensure_daemon first when it is async)."""
+    """Connect to the daemon on ``settings.socket``, saying so when it serves another model than asked."""
     from sdrepl.daemon.client import DaemonClient
-    from sdrepl.daemon.lifecycle import ensure_daemon
 
-    if inspect.iscoroutinefunction(ensure_daemon):
-        await ensure_daemon(settings, on_status=print_status, timeout=300)
-    return await DaemonClient.connect(settings.socket, timeout=5.0, events=True, client=client_name)
+    client = await DaemonClient.connect(settings.socket, timeout=5.0, events=True, client=client_name)
+    serving = (client.hello.get("model") or {}).get("model")
+    if serving is not None and not same_model(serving, settings.model):
+        print_status(f"the daemon on {settings.socket} serves model {serving}, not {settings.model}; "
+                     "run `sdrepl stop` first to switch models, or use another --socket")
+    return client
+
+
+def same_model(serving: str, asked: str) -> bool:
+    """Whether two ``--model`` values name the same model (paths compared after resolving)."""
+    if serving == asked:
+        return True
+    a, b = Path(serving).expanduser(), Path(asked).expanduser()
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
 
 
 def print_status(text: str) -> None:

@@ -101,3 +101,14 @@ def test_another_program_can_drive_a_session_line_by_line(live_daemon):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_daemon_serving_another_model_is_named(live_daemon):
+    """Asking for tiny-sd2 from a daemon that serves tiny says so (on stderr) instead of silently differing."""
+    options = list(live_daemon["options"])
+    options[options.index("--model") + 1] = "tiny-sd2"
+    done = subprocess.run([sys.executable, "-m", "sdrepl", *options], input="!tokens cat\n", text=True,
+                          capture_output=True, cwd=live_daemon["root"], env=live_daemon["env"], timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "serves model tiny, not tiny-sd2" in done.stderr and "sdrepl stop" in done.stderr
+    assert done.stdout.startswith("tokens 1/75")
