@@ -104,13 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 ok, 1 error; argparse exits 2 on usage errors)."""
-    args = build_parser().parse_args(argv)
+    """``sdrepl convert``: returns the exit status (0 ok, 2 for a usage error or a file that cannot be
+    converted, with one line saying why, like every other sdrepl command)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse printed the usage error
+        return 0 if exc.code in (0, None) else 2
     try:
         written = convert_file(args.file, args.to, overwrite=args.overwrite, output=args.output)
     except EmbeddingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        print(f"sdrepl: {exc}", file=sys.stderr)
+        return 2
     print(written)
     return 0
 

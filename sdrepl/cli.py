@@ -26,7 +26,6 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
         "serve": "Run the daemon in the foreground (logs to stderr).",
         "status": "Is a daemon up, and what is it doing.",
         "stop": "Stop the daemon gracefully (a training job saves a resumable checkpoint first).",
-        "convert": "Write an embedding file in another format beside the original.",
     }
     parser = argparse.ArgumentParser(prog=prog, description=descriptions[command])
     parser.add_argument("--version", action="version", version=f"sdrepl {__version__}")
@@ -40,10 +39,6 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
         parser.add_argument("--detach", action="store_true", help="run in the background; log beside the socket")
     elif command == "status":
         parser.add_argument("--json", action="store_true", help="print the status as one JSON object")
-    elif command == "convert":
-        parser.add_argument("file", help="the embedding file to convert")
-        parser.add_argument("--to", required=True, choices=["safetensors", "pt", "diffusers"])
-        parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return parser
 
 
@@ -60,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_libraries()
     args = list(sys.argv[1:] if argv is None else argv)
     command = args.pop(0) if args and args[0] in COMMANDS else None
+    if command == "convert":  # works on files alone: no daemon, none of the shared options
+        from sdrepl.core.convert import main as convert_main
+
+        return convert_main(args)
     parser = build_parser(command)
     try:
         ns = parser.parse_args(args)
@@ -79,12 +78,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             from sdrepl.daemon.lifecycle import stop_command
 
             return stop_command(settings)
-        if command == "convert":
-            from sdrepl.core.convert import convert_file
-
-            path = convert_file(ns.file, ns.to, overwrite=ns.overwrite)
-            print(path)
-            return 0
         from sdrepl.repl.main import run_repl
 
         return run_repl(settings, json_mode=ns.json, fail_fast=ns.fail_fast, script=ns.script)

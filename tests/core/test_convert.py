@@ -85,9 +85,9 @@ def test_main_writes_and_prints_path(eyeliner: Path, capsys) -> None:
 def test_main_reports_errors_without_traceback(tmp_path: Path, capsys) -> None:
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"PK\x03\x04 not really a zip")
-    assert main([str(broken), "--to", "safetensors"]) == 1
+    assert main([str(broken), "--to", "safetensors"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {broken}:") and "Traceback" not in err
+    assert err.startswith(f"sdrepl: {broken}:") and "Traceback" not in err
 
 
 def test_main_output_option(eyeliner: Path, tmp_path: Path) -> None:
@@ -97,9 +97,9 @@ def test_main_output_option(eyeliner: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_module_runs_from_command_line(eyeliner: Path) -> None:
+def test_sdrepl_convert_command_refuses_a_same_format_copy(eyeliner: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "sdrepl.core.convert", str(eyeliner), "--to", "pt"],
+        [sys.executable, "-m", "sdrepl", "convert", str(eyeliner), "--to", "pt"],
         capture_output=True, text=True, timeout=120,
     )
-    assert result.returncode == 1 and "already a pt file" in result.stderr
+    assert result.returncode == 2 and "already a pt file" in result.stderr
