@@ -26,102 +26,23 @@ import difflib
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-import torch
-
-from sdrepl.core.embedding import CLIP_G, CLIP_L, SINGLE, Embedding, EmbeddingData, Skipped
-from sdrepl.core.errors import EmbeddingError, IncompatibleEmbedding
-from sdrepl.core.formats import NotAnEmbedding, decide_trigger, is_candidate, read_embedding_bytes
+from sdrepl.core.embedding import Embedding, Skipped
+from sdrepl.core.errors import EmbeddingError
+from sdrepl.core.formats import NotAnEmbedding, is_candidate, read_embedding_bytes
 from sdrepl.core.formats import read_file_bytes as _read_file_bytes
 from sdrepl.core.formats.common import EXTENSIONS
 from sdrepl.core.hashing import HashCache, sha256_bytes
-
-
-def incompatibility(data: EmbeddingData, widths: dict[str, int], model_label: str) -> str | None:
-    """Why ``data`` does not fit a model with these encoder widths (spec section 3), or None if it fits."""
-    have = data.widths
-    if have == widths:
-        return None
-    if set(have) == {SINGLE}:
-        width = have[SINGLE]
-        if SINGLE in widths:
-            return f"{width}-wide embedding, model expects {widths[SINGLE]} ({model_label})"
-        if widths.get(CLIP_L) == width:
-            return (f"{width}-wide single-encoder (SD 1.x) embedding on an {model_label} model: skipped, as A1111 "
-                    f"does; {model_label} embeddings carry clip_l and clip_g vectors")
-        return f"{width}-wide embedding, model expects " + " + ".join(f"{k} {w}" for k, w in widths.items())
-    if set(have) == {CLIP_L, CLIP_G}:
-        pair = f"clip_l {have[CLIP_L]} + clip_g {have[CLIP_G]}"
-        if SINGLE in widths:
-            return f"SDXL embedding ({pair}), model expects one {widths[SINGLE]}-wide encoder ({model_label})"
-        return f"{pair} embedding, model expects " + " + ".join(f"{k} {w}" for k, w in widths.items())
-    return f"embedding for encoders {have}, model has {widths} ({model_label})"
-
-
-def check_compatible(path: Path, data: EmbeddingData, widths: dict[str, int], model_label: str) -> None:
-    """Raise IncompatibleEmbedding (with the reason) when ``data`` does not fit the model."""
-    reason = incompatibility(data, widths, model_label)
-    if reason is not None:
-        raise IncompatibleEmbedding(path, reason)
-
-
-@dataclass
-class LibraryChange:
-    """What one mutation changed: names by which embeddings are reachable, new skips, new warnings."""
-
-    added: list[str] = field(default_factory=list)
-    updated: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    skipped: list[Skipped] = field(default_factory=list)
-    unskipped: list[Path] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    def describe(self) -> dict:
-        return {
-            "added": list(self.added),
-            "updated": list(self.updated),
-            "removed": list(self.removed),
-            "skipped": [s.describe() for s in self.skipped],
-            "unskipped": [str(p) for p in self.unskipped],
-            "warnings": list(self.warnings),
-        }
-
-    def __bool__(self) -> bool:
-        return any((self.added, self.updated, self.removed, self.skipped, self.unskipped, self.warnings))
-
-
-@dataclass(frozen=True)
-class _Record:
-    """One file as last read. ``ignored`` files (previews, empty files) are kept so they are not re-read."""
-
-    path: Path
-    root: int
-    rel: PurePosixPath
-    size: int
-    mtime_ns: int
-    data: EmbeddingData | None = None
-    error: str | None = None
-    ignored: bool = False
-    sha256: str = ""
-
-    def order(self) -> tuple:
-        """Collision precedence: earlier folder, then shallower, then path (case-insensitive, then exact)."""
-        return (self.root, len(self.rel.parts), str(self.rel).casefold(), str(self.rel))
-
-
-@dataclass(frozen=True)
-class _State:
-    records: dict[Path, _Record] = field(default_factory=dict)
-    dirs: dict[str, Path] = field(default_factory=dict)  # real dir -> the path it was walked as
-    walk_warnings: tuple[str, ...] = ()
-    loaded: tuple[Embedding, ...] = ()
-    by_trigger: dict[str, Embedding] = field(default_factory=dict)
-    by_qualified: dict[str, Embedding] = field(default_factory=dict)
-    reach: dict[Path, str] = field(default_factory=dict)  # path -> the name that reaches it
-    skipped: tuple[Skipped, ...] = ()
-    warnings: tuple[str, ...] = ()
+from sdrepl.core.library_state import (  # noqa: F401  (check_compatible, incompatibility: public API here too)
+    LibraryChange,
+    LibraryState,
+    Record,
+    build_state,
+    check_compatible,
+    diff,
+    incompatibility,
+)
 
 
 def _within(path: Path, folder: Path) -> bool:
@@ -164,7 +85,7 @@ class EmbeddingLibrary:
         self.hash_cache = hash_cache if hash_cache is not None else HashCache()
         self._widths = dict(encoder_widths)
         self._label = model_label
-        self._state = _State()
+        self._state = LibraryState()
         self._lock = threading.Lock()  # guards the swap of _state / version
         self._write_lock = threading.RLock()  # serialises mutations
 
@@ -314,7 +235,7 @@ class EmbeddingLibrary:
 
     # ------------------------------------------------------------------ internals
 
-    def _snapshot(self) -> _State:
+    def _snapshot(self) -> LibraryState:
         with self._lock:
             return self._state
 
@@ -373,7 +294,7 @@ class EmbeddingLibrary:
             stack.extend(reversed(subfolders))
         return files
 
-    def _record(self, path: Path, index: int, previous: _Record | None, force: bool = False) -> _Record | None:
+    def _record(self, path: Path, index: int, previous: Record | None, force: bool = False) -> Record | None:
         """Read ``path`` unless ``previous`` is still current (or ``force``); None when the file is gone."""
         try:
             st = os.stat(path)
@@ -388,114 +309,22 @@ class EmbeddingLibrary:
         try:
             raw, st = _read_file_bytes(path, st)
         except NotAnEmbedding:
-            return _Record(**base, ignored=True)
+            return Record(**base, ignored=True)
         except EmbeddingError as exc:
-            return _Record(**base, error=exc.reason)
+            return Record(**base, error=exc.reason)
         sha = sha256_bytes(raw) if force else self.hash_cache.sha256(path, data=raw, stat=st)
         try:
-            return _Record(**base, data=read_embedding_bytes(path, raw), sha256=sha)
+            return Record(**base, data=read_embedding_bytes(path, raw), sha256=sha)
         except NotAnEmbedding:
-            return _Record(**base, ignored=True, sha256=sha)
+            return Record(**base, ignored=True, sha256=sha)
         except EmbeddingError as exc:
-            return _Record(**base, error=exc.reason, sha256=sha)
+            return Record(**base, error=exc.reason, sha256=sha)
 
-    def _commit(self, old: _State, records: dict[Path, _Record], dirs: dict[str, Path], walk: tuple[str, ...]):
-        new = _build_state(records, dirs, walk, self._widths, self._label, self.folders)
-        change = _diff(old, new)
+    def _commit(self, old: LibraryState, records: dict[Path, Record], dirs: dict[str, Path], walk: tuple[str, ...]):
+        new = build_state(records, dirs, walk, self._widths, self._label, self.folders)
+        change = diff(old, new)
         with self._lock:
             self._state = new
             if change:
                 self.version += 1
         return change
-
-
-# ---------------------------------------------------------------------- deriving the state from records
-
-
-def _name_options(rec: _Record, trigger: str, roots: list[Path]) -> list[str]:
-    """Qualified names from least to most specific; a collision moves the later claimant down this list."""
-    parent = str(rec.rel.parent)
-    first = trigger if parent == "." else f"{parent}/{trigger}"
-    return [first, str(rec.rel), f"{roots[rec.root].name}/{rec.rel}", str(rec.path)]
-
-
-def _qualify(claims: list[tuple[_Record, str]], roots: list[Path]) -> dict[Path, str]:
-    """A unique (case-insensitive) qualified name per record; earlier records keep the simpler names."""
-    options = {rec.path: _name_options(rec, trigger, roots) for rec, trigger in claims}
-    level = dict.fromkeys(options, 0)
-    while True:
-        taken: dict[str, list[Path]] = {}
-        for rec, _ in claims:
-            taken.setdefault(options[rec.path][level[rec.path]].lower(), []).append(rec.path)
-        moved = False
-        for paths in taken.values():
-            for path in paths[1:]:
-                if level[path] < len(options[path]) - 1:
-                    level[path] += 1
-                    moved = True
-        if not moved:
-            return {path: options[path][level[path]] for path in options}
-
-
-def _same_vectors(records: list[_Record]) -> bool:
-    first = records[0].data.vectors
-    return all(
-        rec.data.vectors.keys() == first.keys() and all(torch.equal(rec.data.vectors[k], first[k]) for k in first)
-        for rec in records[1:]
-    )
-
-
-def _build_state(records, dirs, walk_warnings, widths, label, roots) -> _State:
-    skipped: list[Skipped] = []
-    claims: list[tuple[_Record, str]] = []
-    for rec in sorted(records.values(), key=_Record.order):
-        if rec.ignored:
-            continue
-        reason = rec.error if rec.error is not None else incompatibility(rec.data, widths, label)
-        if reason is not None:
-            skipped.append(Skipped(rec.path, reason))
-        else:
-            claims.append((rec, decide_trigger(rec.path, rec.data)))
-    qualified = _qualify(claims, roots)
-    groups: dict[str, list[tuple[_Record, str]]] = {}
-    for rec, trigger in claims:
-        groups.setdefault(trigger.lower(), []).append((rec, trigger))
-    by_trigger, by_qualified, reach, loaded, warnings = {}, {}, {}, [], []
-    for key in sorted(groups):
-        group = groups[key]
-        note = ()
-        if len(group) > 1:
-            same = " (identical vectors)" if _same_vectors([rec for rec, _ in group]) else ""
-            others = "; ".join(f"{rec.path} is reachable as <{qualified[rec.path]}>" for rec, _ in group[1:])
-            note = (f"{len(group)} files claim the trigger '{group[0][1]}'{same}: using {group[0][0].path}; {others}",)
-            warnings.extend(note)
-        for position, (rec, trigger) in enumerate(group):
-            emb = Embedding(trigger, qualified[rec.path], rec.path, rec.data, rec.sha256, rec.size, rec.mtime_ns, note)
-            if position == 0:
-                by_trigger[key] = emb
-            by_qualified[emb.qualified.lower()] = emb
-            reach[rec.path] = trigger if position == 0 else emb.qualified
-            loaded.append(emb)
-    loaded.sort(key=lambda e: (e.key, e.qualified.lower(), str(e.path)))
-    return _State(records, dirs, tuple(walk_warnings), tuple(loaded), by_trigger, by_qualified, reach,
-                  tuple(skipped), tuple(walk_warnings) + tuple(warnings))
-
-
-def _diff(old: _State, new: _State) -> LibraryChange:
-    before = {e.path: e for e in old.loaded}
-    after = {e.path: e for e in new.loaded}
-
-    def changed(path: Path) -> bool:
-        a, b = before[path], after[path]
-        content = a.sha256 != b.sha256 if a.sha256 and b.sha256 else a.data is not b.data
-        return content or old.reach[path] != new.reach[path] or a.qualified != b.qualified
-
-    old_skips, new_skips = set(old.skipped), {s.path for s in new.skipped}
-    return LibraryChange(
-        added=sorted((new.reach[p] for p in after if p not in before), key=str.lower),
-        updated=sorted((new.reach[p] for p in after if p in before and changed(p)), key=str.lower),
-        removed=sorted((old.reach[p] for p in before if p not in after), key=str.lower),
-        skipped=[s for s in new.skipped if s not in old_skips],
-        unskipped=sorted({s.path for s in old.skipped} - new_skips),
-        warnings=[w for w in new.warnings if w not in set(old.warnings)],
-    )
