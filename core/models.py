@@ -7,7 +7,6 @@ can cause is a :class:`ModelError` naming what was given and what was expected.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -24,6 +23,7 @@ from sdrepl.core import tiny
 from sdrepl.core.devices import dtype_name, resolve_device, resolve_dtype
 from sdrepl.core.embedding import CLIP_G, CLIP_L, SINGLE
 from sdrepl.core.errors import ModelError
+from sdrepl.core.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +92,6 @@ class LoadedModel:
             "native_size": self.native_size,
             "encoders": self.encoder_widths,
         }
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def family_of(pipe: Any) -> str:
