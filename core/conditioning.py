@@ -147,6 +147,10 @@ def _run_layers(tm: Any, hidden: torch.Tensor, count: int) -> torch.Tensor:
     return hidden
 
 
+#: Below this fraction of the mean absolute value, a chunk's mean is treated as zero (see ``emphasis``).
+MEAN_EPS = 1e-4
+
+
 def emphasis(z: torch.Tensor, weights: torch.Tensor | None, *, restore_mean: bool = True) -> torch.Tensor:
     """A1111's "Original" emphasis on one chunk's output ``[..., 77, D]``: scale each position by its
     weight, then rescale the whole so its mean is what it was. ``restore_mean=False`` gives the scaled
@@ -156,7 +160,14 @@ def emphasis(z: torch.Tensor, weights: torch.Tensor | None, *, restore_mean: boo
     original_mean = z.mean()
     z = z * weights.to(z.device, z.dtype).reshape(*weights.shape, 1)
     if restore_mean:
-        z = z * (original_mean / z.mean())
+        # A1111 divides by the new mean unguarded. Where the mean is ~0 next to the values themselves
+        # (an untrained final layer norm centres every position), that quotient is rounding noise that
+        # can zero or blow up the whole chunk; there the restoration is skipped. The denominator is made
+        # safe before dividing so that no inf reaches autograd through the unselected branch.
+        new_mean = z.mean()
+        meaningful = new_mean.abs() > MEAN_EPS * z.abs().mean()
+        safe = torch.where(meaningful, new_mean, torch.ones_like(new_mean))
+        z = z * torch.where(meaningful, original_mean / safe, torch.ones_like(new_mean))
     return z
 
 

@@ -20,7 +20,7 @@ import torch
 
 #: Bump when the architecture, seed or tokenizer changes, so stale caches are never used.
 #: 2: tiny-sd2 pads with "!" (id 0) as SD 2.x's OpenCLIP tokenizer does.
-TINY_VERSION = 2
+TINY_VERSION = 3
 SEED = 20221122
 #: The tiny UNet's channels per block; single-file checkpoints are recognised as tiny by ``conv_in`` = 32.
 UNET_CHANNELS = (32, 64)
@@ -86,6 +86,7 @@ def build_tiny(name: str):
             pad_token_id=49407 if spec.family == "sd1" else 0,
         )
         text_encoder = CLIPTextModel(text_config).eval()
+        _like_trained_layer_norms(text_encoder)
         torch.manual_seed(SEED + 1)
         unet = UNet2DConditionModel(
             sample_size=TINY_SIZE // 8,
@@ -125,6 +126,20 @@ def build_tiny(name: str):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _like_trained_layer_norms(module: torch.nn.Module) -> None:
+    """Give every LayerNorm the spread a trained CLIP has (weights around 1, biases off zero).
+
+    A freshly initialised LayerNorm (weight 1, bias 0) centres each position exactly, so the encoder's
+    output has mean ~0; A1111's emphasis divides by that mean, and the tiny models would then exercise a
+    case no real checkpoint has. Drawn from the builder's seeded generator, so still deterministic.
+    """
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.LayerNorm):
+                layer.weight.copy_(1.0 + 0.1 * torch.randn_like(layer.weight))
+                layer.bias.copy_(0.05 + 0.1 * torch.randn_like(layer.bias))
 
 
 def cache_root() -> Path:

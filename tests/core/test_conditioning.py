@@ -14,6 +14,7 @@ from sdrepl.core.budget import chunk_prompt
 from sdrepl.core.conditioning import (
     ChunkInput,
     chunk_inputs,
+    emphasis,
     empty_chunk,
     encode_chunks,
     encode_prompts,
@@ -265,3 +266,25 @@ def test_chunk_input_framing(model):
     assert ci.ids[:3].tolist() == [49406, 49407, 49407] and ci.weights is None
     z = encode_chunks(model.text_encoder, [ci, ci])
     assert join_chunks(z).shape == (1, 154, 768)
+
+
+def test_emphasis_skips_mean_restoration_when_the_mean_is_zero():
+    """A1111 divides by the weighted chunk's mean; at ~0 that quotient is noise (zeros or inf). Skipped."""
+    z = torch.randn(77, 8)
+    z = z - z.mean(dim=-1, keepdim=True)  # every position centred, as an untrained layer norm leaves it
+    z.requires_grad_(True)
+    weights = torch.ones(77)
+    weights[5] = 1.5
+    out = emphasis(z, weights)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[5], z[5] * 1.5) and torch.equal(out[4], z[4])
+    (grad,) = torch.autograd.grad(out.pow(2).sum(), [z])
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_emphasis_restores_a_meaningful_mean():
+    z = torch.randn(77, 8) + 0.5
+    weights = torch.ones(77)
+    weights[3] = 1.3
+    out = emphasis(z, weights)
+    assert torch.allclose(out.mean(), z.mean(), atol=1e-6) and not torch.equal(out[3], z[3] * 1.3)

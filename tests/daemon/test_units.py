@@ -157,7 +157,8 @@ class RecordingLibrary:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, float]] = []
 
-    def update_path(self, path: Path):
+    def update_path(self, path: Path, *, force: bool = False):
+        assert force, "the watcher must force a re-read: an event means the file changed"
         self.calls.append(("update", path.name, time.monotonic()))
         return None
 
