@@ -260,6 +260,7 @@ def _install_signals(loop: asyncio.AbstractEventLoop, server: Any, settings: Set
 
 async def _shutdown(ctx: Any, server: Any, watcher: Any) -> None:
     server.stop_accepting()
+    ctx.worker.close()  # queued work replies Cancelled now; only what is running may finish
     server.broadcast({"type": "event", "event": "shutdown", "reason": server.shutdown_reason})
     job = ctx.training
     hook = getattr(job, "shutdown", None) if job is not None else None
@@ -276,7 +277,7 @@ async def _shutdown(ctx: Any, server: Any, watcher: Any) -> None:
             log.exception("the training job's shutdown failed")
     await ctx.residency.stop()
     watcher.stop()
-    finished = await asyncio.to_thread(ctx.worker.stop, GRACE_S)  # queued work replies Cancelled
+    finished = await asyncio.to_thread(ctx.worker.stop, GRACE_S)
     if not finished:
         log.warning("running device work did not end within %.0f s; cancelling it", GRACE_S)
         for conn in list(server.connections):

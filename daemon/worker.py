@@ -65,6 +65,16 @@ class DeviceWorker:
 
     def stop(self, timeout: float = 10.0) -> bool:
         """Refuse new work, fail what is queued with Cancelled, wait for the running item; True if it ended."""
+        self.close()
+        if self._thread.is_alive() and threading.get_ident() != self.thread_id:
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def close(self) -> None:
+        """Refuse new work and fail what is queued with Cancelled, at once; the running item goes on.
+
+        Shutdown calls this first, so that nothing queued starts while the rest of the shutdown runs.
+        """
         with self._cond:
             self._stopping = True
             dropped = list(self._queue)
@@ -73,9 +83,6 @@ class DeviceWorker:
             self._cond.notify_all()
         for item in dropped:
             _fail(item.future, Cancelled("the daemon is shutting down; the request was not started"))
-        if self._thread.is_alive() and threading.get_ident() != self.thread_id:
-            self._thread.join(timeout)
-        return not self._thread.is_alive()
 
     @property
     def pending(self) -> int:
