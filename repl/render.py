@@ -83,7 +83,8 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> list[str]:
 
 
 def _short_hash(value: Any) -> str:
-    return str(value)[:10] if value else "-"
+    """The 12 hex digits A1111 prints in ``TI hashes``, so a row can be matched against a picture's metadata."""
+    return str(value)[:12] if value else "-"
 
 
 def embeddings(result: dict[str, Any]) -> str:

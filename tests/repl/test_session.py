@@ -151,7 +151,7 @@ def test_embeddings_table(fake):
     assert result.result["skipped"] == [{"path": "/emb/sd2.pt", "reason": "width 1024 does not fit this model (768)"}]
     lines = result.text.splitlines()
     assert lines[0].split() == ["trigger", "vectors", "width", "format", "file", "step", "hash"]
-    assert lines[1].split() == ["bad-hands-5", "2", "768", "a1111-pt", "bad-hands-5.pt", "1419", "0123456789"]
+    assert lines[1].split() == ["bad-hands-5", "2", "768", "a1111-pt", "bad-hands-5.pt", "1419", "0123456789ab"]
     assert lines[2:] == ["skipped 1 file(s):", "  sd2.pt: width 1024 does not fit this model (768)",
                          "warning: two files are called x"]
 
