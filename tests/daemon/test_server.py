@@ -243,3 +243,21 @@ def test_soak_many_clients_nothing_lost_or_misrouted(daemon: DaemonProcess) -> N
 
     assert run(scenario(), timeout=180) == clients * per_client
     assert request_sync(daemon.socket, "status")["queue"] == {"pending": 0, "running": None}
+
+
+def test_generations_run_in_the_order_they_were_sent(daemon: DaemonProcess) -> None:
+    """The device queue is first come, first served (checks ran in a thread pool once reordered it)."""
+
+    async def scenario() -> list:
+        async with await DaemonClient.connect(daemon.socket) as c:
+            events = EventLog(c)
+            started = [c.start("generate", prompt=f"order {i} <bad-hands-5>", seed=i, **TINY) for i in range(6)]
+            await asyncio.gather(*(future for _, future in started))
+            firsts = []
+            for event in events.events:
+                if event["event"] == "progress" and event["request"] not in firsts:
+                    firsts.append(event["request"])
+            return [rid for rid, _ in started], firsts
+
+    sent, ran = run(scenario())
+    assert ran == sent
