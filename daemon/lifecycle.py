@@ -149,15 +149,16 @@ def status_command(settings: Settings, as_json: bool = False) -> int:
     return 0
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
+def format_duration(seconds: float) -> str:
+    """``7s``, ``5m07s``, ``1h05m``: uptimes and ETAs, in ``sdrepl status`` and the REPL alike."""
+    seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def format_status(s: dict[str, Any]) -> str:
-    """The human summary of a ``status`` result."""
+    """The human summary of a ``status`` result: ``sdrepl status`` and the REPL's ``!status`` print this."""
     model = s.get("model") or {}
     mem = s.get("memory") or {}
     emb = s.get("embeddings") or {}
@@ -169,9 +170,10 @@ def format_status(s: dict[str, Any]) -> str:
     keep = s.get("keep_alive_s")
     lines = [
         f"sdrepl daemon {s.get('version')} (protocol {s.get('protocol')}), pid {s.get('pid')}, "
-        f"up {_duration(s.get('uptime_s') or 0)}, socket {s.get('socket')}",
-        f"model:      {model.get('model')} ({model.get('family')}, {model.get('source')}) on {model.get('device')} "
-        f"{model.get('dtype')}, native {model.get('native_size')}px: {s.get('state')}",
+        f"up {format_duration(s.get('uptime_s') or 0)}, socket {s.get('socket')}",
+        (f"model:      {model.get('model')} ({model.get('family')}, {model.get('source')}) on {model.get('device')} "
+         f"{model.get('dtype')}, native {model.get('native_size')}px: {s.get('state')}" if model
+         else f"model:      not loaded: {s.get('state')}"),
         f"memory:     {memory}",
         f"embeddings: {emb.get('loaded')} loaded, {emb.get('skipped')} skipped in "
         f"{', '.join(emb.get('folders') or [])}",

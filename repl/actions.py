@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdrepl.core.errors import SdreplError, UsageError
+from sdrepl.daemon.lifecycle import format_status
 from sdrepl.repl import render
 from sdrepl.repl.parse import GenerationLine, escape, to_float, to_int, to_sampler, to_seed, to_size, unquote
 from sdrepl.repl.train_args import resolve_paths
@@ -197,7 +198,7 @@ async def run_history(session: Session, text: str, started: Started) -> Outcome:
 
 async def run_status(session: Session, _: None, started: Started) -> Outcome:
     reply = await session.client.request("status")
-    return Outcome({"status": reply}, render.status(reply))
+    return Outcome({"status": reply}, format_status(reply))
 
 
 async def run_quit(session: Session, _: None, started: Started) -> Outcome:

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sdrepl.daemon.lifecycle import format_duration
+
 SEP = " · "
 
 
@@ -145,7 +147,7 @@ def job(job: dict[str, Any] | None) -> str:
         if isinstance(job.get(key), (int, float)):
             parts.append(fmt.format(job[key]))
     if isinstance(job.get("eta_s"), (int, float)) and job.get("state") == "running":
-        parts.append(f"eta {duration(job['eta_s'])}")
+        parts.append(f"eta {format_duration(job['eta_s'])}")
     if job.get("path"):
         parts.append(f"-> {job['path']}")
     if job.get("error"):
@@ -158,15 +160,6 @@ def trained(result: dict[str, Any]) -> str:
     loss = emb.get("final_loss")
     loss_text = f", final loss {loss:.4g}" if isinstance(loss, (int, float)) else ""
     return f"trained {emb.get('name', '?')}: {emb.get('steps', '?')} steps{loss_text} -> {emb.get('path', '?')}"
-
-
-def duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def change(result: dict[str, Any]) -> str:
@@ -188,32 +181,6 @@ def preprocess(result: dict[str, Any]) -> str:
     lines = [f"wrote {result.get('written', 0)} picture(s) to {result.get('dst', '?')}"]
     skipped = result.get("skipped") or []
     lines += [f"  skipped {Path(str(s.get('path'))).name}: {s.get('reason', 'no reason given')}" for s in skipped]
-    return "\n".join(lines)
-
-
-def status(s: dict[str, Any]) -> str:
-    """The daemon's status in a few lines, as ``sdrepl status`` shows it."""
-    model = s.get("model") or {}
-    uptime = s.get("uptime_s")
-    lines = [f"daemon pid {s.get('pid', '?')}, version {s.get('version', '?')}, state {s.get('state', '?')}"
-             + (f", up {duration(uptime)}" if isinstance(uptime, (int, float)) else "")]
-    if model:
-        size = model.get("native_size")
-        size_text = (f"{size[0]}x{size[1]}" if isinstance(size, (list, tuple)) and len(size) == 2
-                     else f"{size}x{size}" if isinstance(size, int) else size)
-        lines.append(f"model {model.get('model', '?')} ({model.get('family', '?')}, {model.get('device', '?')} "
-                     f"{model.get('dtype', '?')}, native {size_text})")
-    else:
-        lines.append("model: not loaded")
-    memory = s.get("memory") or {}
-    if memory:
-        lines.append("memory " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()
-                                            if isinstance(v, (int, float))))
-    emb = s.get("embeddings") or {}
-    lines.append(f"embeddings {emb.get('loaded', '?')} loaded, {emb.get('skipped', '?')} skipped")
-    queue = s.get("queue") or {}
-    lines.append(f"queue {queue.get('pending', 0)} pending, running: {queue.get('running') or 'nothing'}")
-    lines.append(job(s.get("training")))
     return "\n".join(lines)
 
 

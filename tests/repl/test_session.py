@@ -10,6 +10,7 @@ from PIL import Image
 
 from sdrepl.core.pnginfo import build_parameters, png_text_chunks
 from sdrepl.daemon.client import DaemonUnavailable, RemoteError
+from sdrepl.daemon.lifecycle import format_status
 from sdrepl.repl.session import LineResult, Session, SessionDefaults
 
 
@@ -162,7 +163,13 @@ def test_show_reload_status(fake):
     assert fake.calls[-1] == ("show", {"name": "bad-hands-5"}) and "norms:" in shown.text
     assert execute(session, "!reload").text == "added: cat"
     status = execute(session, "!status")
-    assert status.result["status"]["pid"] == 1 and "model tiny" in status.text
+    assert status.result["status"]["pid"] == 1 and "model:      tiny" in status.text
+    assert status.text == format_status(status.result["status"])  # !status is as `sdrepl status`
+
+
+def test_status_of_a_daemon_whose_model_keep_alive_unloaded():
+    text = format_status({"pid": 1, "state": "unloaded", "model": None, "uptime_s": 3725})
+    assert "model:      not loaded: unloaded" in text and "up 1h02m" in text
 
 
 def test_create_and_convert(fake):
