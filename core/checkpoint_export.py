@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sdrepl.core.atomic import atomic_writer
 from sdrepl.core.errors import ModelError
 
 UNET_PREFIX = "model.diffusion_model."
@@ -222,12 +222,6 @@ def export_single_file(pipe_or_folder: Any, path: Path, dtype: torch.dtype | Non
              for k, v in state.items()}
     family = family_of_pipeline(pipe)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": "pt", "sdrepl.family": family})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_writer(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "sdrepl.family": family})
     return path
