@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))  # tests import daemon_testing (pytest's importlib mode)
-
-from daemon_testing import DaemonProcess, make_daemon, short_dir  # noqa: E402
+from daemon_testing import DaemonProcess, make_daemon, short_dir
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,12 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_testing import make_daemon, short_dir
 
 from sdrepl.daemon.client import RemoteError
 
@@ -138,41 +136,21 @@ def sdrepl_env(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def live_daemon(tmp_path_factory, fixtures_dir):
+def live_daemon(fixtures_dir):
     """A real ``sdrepl serve`` on ``tiny`` with three A1111 fixtures.
 
     Yields ``options`` (the shared CLI options that reach it), ``env``, ``root`` (the working folder),
     ``embeddings`` and ``outputs``.
     """
-    root = tmp_path_factory.mktemp("live")
-    # A short socket path: Unix sockets are limited to ~100 bytes.
-    sock_dir = Path(f"/tmp/sdr-{os.getpid()}-{int(time.time() * 1000) % 100000}")
-    sock_dir.mkdir(mode=0o700)
-    emb, out = root / "embeddings", root / "outputs"
-    emb.mkdir()
-    out.mkdir()
+    root = short_dir("sdr-")  # short: Unix socket paths are limited to ~100 bytes
+    proc = make_daemon(root)
     for name in ("bad-hands-5.pt", "EasyNegative.safetensors", "bad-prompt.pt"):
-        shutil.copy(fixtures_dir / "a1111" / name, emb / name)
-    options = ["--socket", str(sock_dir / "s.sock"), "--model", "tiny", "--embeddings", str(emb),
-               "--outputs", str(out), "--device", "cpu"]
-    env = sdrepl_env(root)
-    sock = sock_dir / "s.sock"
-    with open(root / "daemon.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "sdrepl", "serve", *options], cwd=root, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 120
-            while not (sock.exists() and sock.with_name("s.sock.json").exists()):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.flush()
-                    pytest.fail(f"the daemon did not start: {(root / 'daemon.log').read_text()[-3000:]}")
-                time.sleep(0.1)
-            yield {"options": options, "env": env, "root": root, "embeddings": emb, "outputs": out}
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            shutil.rmtree(sock_dir, ignore_errors=True)
+        shutil.copy(fixtures_dir / "a1111" / name, proc.embeddings / name)
+    proc.env = sdrepl_env(root)
+    try:
+        proc.start(cwd=root)
+        yield {"options": proc.settings.daemon_args(), "env": proc.env, "root": root,
+               "embeddings": proc.embeddings, "outputs": proc.outputs}
+    finally:
+        proc.stop()
+        shutil.rmtree(root, ignore_errors=True)

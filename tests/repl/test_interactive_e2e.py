@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from daemon_testing import make_daemon, short_dir
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -34,51 +34,19 @@ def clean_env(tmp: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory, fixtures_dir):
-    tmp = tmp_path_factory.mktemp("e2e")
-    embeddings, outputs = tmp / "embeddings", tmp / "outputs"
-    embeddings.mkdir()
+def daemon(fixtures_dir):
+    tmp = short_dir("sdrepl-e2e-")  # short: Unix socket paths are limited
+    proc = make_daemon(tmp)
     for name in ("bad-hands-5.pt", "bad-prompt.pt"):
-        shutil.copy(fixtures_dir / "a1111" / name, embeddings / name)
-    socket = Path(f"/tmp/sdrepl-e2e-{os.getpid()}") / "d.sock"  # short: Unix socket paths are limited
-    shutil.rmtree(socket.parent, ignore_errors=True)
-    socket.parent.mkdir(mode=0o700)
-    env = clean_env(tmp)
-    args = ["--socket", str(socket), "--model", "tiny", "--embeddings", str(embeddings), "--outputs",
-            str(outputs), "--device", "cpu"]
-    log = open(tmp / "daemon.log", "w")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen([sys.executable, "-m", "sdrepl", "serve", *args], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, cwd=tmp)
+        shutil.copy(fixtures_dir / "a1111" / name, proc.embeddings / name)
+    proc.env = clean_env(tmp)
     try:
-        wait_ready(socket, proc, tmp / "daemon.log")
-        yield SimpleNamespace(socket=socket, embeddings=embeddings, outputs=outputs, env=env, args=args, tmp=tmp)
+        proc.start(cwd=tmp)
+        yield SimpleNamespace(socket=proc.socket, embeddings=proc.embeddings, outputs=proc.outputs, env=proc.env,
+                              args=proc.settings.daemon_args(), tmp=tmp)
     finally:
-        from sdrepl.daemon.client import request_sync
-
-        try:
-            request_sync(socket, "shutdown", timeout=5)
-            proc.wait(30)
-        except Exception:
-            proc.kill()
-            proc.wait(10)
-        log.close()
-        shutil.rmtree(socket.parent, ignore_errors=True)
-
-
-def wait_ready(socket: Path, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    from sdrepl.daemon.client import request_sync
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the daemon exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if request_sync(socket, "status", timeout=2).get("state") == "ready":
-                return
-        except Exception:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"the daemon was not ready within {timeout} s:\n{log.read_text()[-3000:]}")
+        proc.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture

@@ -42,6 +42,8 @@ class DaemonProcess:
     root: Path
     extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
+    #: The daemon's environment; ``daemon_env()`` when None.
+    env: dict[str, str] | None = None
 
     @property
     def socket(self) -> Path:
@@ -68,7 +70,8 @@ class DaemonProcess:
 
         args = [sys.executable, "-m", "sdrepl", "serve", *self.settings.daemon_args(), *self.extra_args]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=daemon_env(),
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         env=self.env or daemon_env(),
                                          cwd=cwd)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
