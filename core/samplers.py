@@ -100,3 +100,23 @@ def make_scheduler(name: str, base_config: Mapping[str, Any] | None):
                 config[key] = base_config[key]
     config.update(sampler.options)
     return cls.from_config(config)
+
+
+def sample(model: Any, cond: Any, *, steps: int, cfg: float, width: int, height: int, seed: int,
+           on_step: Any = None):
+    """One picture from prepared conditioning (``core.conditioning.Conditioning``) with the model's current
+    scheduler; the noise comes from a CPU generator seeded with ``seed``, so a seed gives the same picture
+    on every device. ``on_step`` is diffusers' ``callback_on_step_end``. Returns a PIL image."""
+    import torch
+
+    return model.pipe(
+        prompt_embeds=cond.prompt_embeds,
+        negative_prompt_embeds=cond.negative_prompt_embeds,
+        num_inference_steps=steps,
+        guidance_scale=cfg,
+        width=width,
+        height=height,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        callback_on_step_end=on_step,
+        output_type="pil",
+    ).images[0]

@@ -142,10 +142,8 @@ def run_generation(
     on_progress: Callable[[int, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Make ``job.n`` pictures on the calling (device) thread; ``on_progress(step, total, image)``."""
-    import torch
-
     from sdrepl.core.conditioning import encode_prompts
-    from sdrepl.core.samplers import make_scheduler
+    from sdrepl.core.samplers import make_scheduler, sample
 
     started = time.monotonic()
     pipe = model.pipe
@@ -168,18 +166,8 @@ def run_generation(
 
         if cancel_event is not None and cancel_event.is_set():
             raise Cancelled(f"generate: cancelled before picture {index + 1} of {job.n}")
-        output = pipe(
-            prompt_embeds=cond.prompt_embeds,
-            negative_prompt_embeds=cond.negative_prompt_embeds,
-            num_inference_steps=job.steps,
-            guidance_scale=job.cfg,
-            width=job.width,
-            height=job.height,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            callback_on_step_end=on_step,
-            output_type="pil",
-        )
-        image = output.images[0]
+        image = sample(model, cond, steps=job.steps, cfg=job.cfg, width=job.width, height=job.height, seed=seed,
+                       on_step=on_step)
         text = build_parameters(prompt=job.prompt, negative=job.negative, steps=job.steps, sampler=job.sampler,
                                 cfg=job.cfg, seed=seed, width=job.width, height=job.height,
                                 model_hash=model.model_hash, model=model_label(model), clip_skip=job.clip_skip,

@@ -33,6 +33,7 @@ from sdrepl.core.embedding import SINGLE
 from sdrepl.core.errors import TrainingError
 from sdrepl.core.formats import write_embedding, write_png_card
 from sdrepl.core.prompt import EmbeddingLookup
+from sdrepl.core.samplers import sample
 from sdrepl.core.training.captions import augment_caption
 from sdrepl.core.training.checkpoint import remove_stale_temps, save_checkpoint
 from sdrepl.core.training.dataset import EpochOrder, TrainingSet, load_dataset
@@ -305,9 +306,8 @@ class Trainer:
         try:
             cond = encode_prompts(self.model, text, "", lookup)
             width, height = self.size
-            image = self.pipe(prompt_embeds=cond.prompt_embeds, negative_prompt_embeds=cond.negative_prompt_embeds,
-                              num_inference_steps=PREVIEW_STEPS, guidance_scale=PREVIEW_CFG, width=width,
-                              height=height, generator=torch.Generator().manual_seed(self.seed)).images[0]
+            image = sample(self.model, cond, steps=PREVIEW_STEPS, cfg=PREVIEW_CFG, width=width, height=height,
+                           seed=self.seed)
         finally:
             if self.offload_vae:
                 self.pipe.vae.to("cpu")
