@@ -1,7 +1,7 @@
 """Fixtures shared by every test folder: where the shared reference files are, and the tiny model.
 
-The reference files (real embeddings, the CLIP tokenizer) live in ``../shared`` beside the checkout, as on
-the developers' machines and in CI; ``SDREPL_SHARED`` points elsewhere when needed.
+The reference files (real embeddings and LoRAs) are vendored in ``tests/fixtures`` (see its README);
+``SDREPL_SHARED`` points the suite at another copy of the shared folder when needed.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # test modules import fixture_paths (importlib mode)
 
-from fixture_paths import A1111, BIRB, FIXTURES, SHARED  # noqa: E402,F401
+from fixture_paths import A1111, BIRB, FIXTURES  # noqa: E402,F401
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models are faster on one thread than on two threads fighting over two cores (and over the
@@ -25,7 +25,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
-        pytest.fail(f"the shared fixtures are missing: expected them at {FIXTURES} (set SDREPL_SHARED)")
+        pytest.fail(f"the fixtures are missing: expected them at {FIXTURES} (tests/fixtures, or SDREPL_SHARED)")
     return FIXTURES
 
 

@@ -1,6 +1,7 @@
-"""Where the shared reference files are: ``../shared`` beside the checkout (as on the developers'
-machines and in CI), or ``SDREPL_SHARED``. Test modules import these names (the root conftest puts this
-folder on ``sys.path``, since pytest runs in importlib mode)."""
+"""Where the reference files are: ``tests/fixtures`` in this repository (vendored from the shared
+reference folder, see its README), or ``$SDREPL_SHARED/fixtures`` when that variable names another copy.
+Test modules import these names (the root conftest puts this folder on ``sys.path``, since pytest runs in
+importlib mode)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SDREPL_SHARED", REPO.parent / "shared"))
-FIXTURES = SHARED / "fixtures" / "embeddings"
+VENDORED = REPO / "tests" / "fixtures"
+SHARED = Path(os.environ["SDREPL_SHARED"]) if os.environ.get("SDREPL_SHARED") else None
+ROOT = SHARED / "fixtures" if SHARED is not None else VENDORED
+FIXTURES = ROOT / "embeddings"
+LORA_FIXTURES = ROOT / "lora"
 A1111 = FIXTURES / "a1111"
 BIRB = FIXTURES / "diffusers" / "birb-style" / "learned_embeds.bin"
