@@ -181,16 +181,16 @@ def run_generation(
 def parse_job(params: dict, native_size: int | None = None) -> tuple[GenerationJob, bool]:
     """Validate a ``generate`` request's parameters; also whether the seed was chosen at random."""
     p = Params(params, "generate")
-    prompt = p.str("prompt")
-    negative = p.str("negative", "")
-    steps = p.int("steps", 20, lo=1, hi=1000)
-    cfg = p.float("cfg", 7.0, lo=0.0, hi=100.0)
-    seed = p.int("seed", None, lo=-1, hi=MAX_SEED, nullable=True)
-    width = p.int("width", None, lo=8, hi=8192, nullable=True)
-    height = p.int("height", None, lo=8, hi=8192, nullable=True)
-    sampler = find_sampler(p.str("sampler", DEFAULT_SAMPLER)).name
-    n = p.int("n", 1, lo=1, hi=16)
-    clip_skip = p.int("clip_skip", 1, lo=1, hi=12)
+    prompt = p.text("prompt")
+    negative = p.text("negative", "")
+    steps = p.integer("steps", 20, lo=1, hi=1000)
+    cfg = p.number("cfg", 7.0, lo=0.0, hi=100.0)
+    seed = p.integer("seed", None, lo=-1, hi=MAX_SEED, nullable=True)
+    width = p.integer("width", None, lo=8, hi=8192, nullable=True)
+    height = p.integer("height", None, lo=8, hi=8192, nullable=True)
+    sampler = find_sampler(p.text("sampler", DEFAULT_SAMPLER)).name
+    n = p.integer("n", 1, lo=1, hi=16)
+    clip_skip = p.integer("clip_skip", 1, lo=1, hi=12)
     p.finish()
     width = width or native_size or 512
     height = height or native_size or 512

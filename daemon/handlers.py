@@ -105,9 +105,9 @@ def find_embedding(ctx: DaemonContext, name: str, request_type: str) -> Embeddin
 @handler("hello")
 async def hello(ctx: DaemonContext, params: dict, req: Request) -> dict:
     p = Params(params, "hello")
-    protocol = p.int("protocol")
-    client = p.str("client", "")
-    events = p.bool("events", True)
+    protocol = p.integer("protocol")
+    client = p.text("client", "")
+    events = p.flag("events", True)
     p.finish()
     if protocol != PROTOCOL_VERSION:
         raise ProtocolMismatch(
@@ -136,9 +136,9 @@ async def status(ctx: DaemonContext, params: dict, req: Request) -> dict:
 async def tokens(ctx: DaemonContext, params: dict, req: Request) -> dict:
     """The token budget; uses the resident tokenizer, so it neither wakes nor keeps the model loaded."""
     p = Params(params, "tokens")
-    prompt = p.str("prompt")
-    negative = p.str("negative", "")
-    clip_skip = p.int("clip_skip", 1, lo=1, hi=12)
+    prompt = p.text("prompt")
+    negative = p.text("negative", "")
+    clip_skip = p.integer("clip_skip", 1, lo=1, hi=12)
     p.finish()
     assert ctx.residency is not None
     options = PromptOptions(clip_skip=clip_skip)
@@ -157,7 +157,7 @@ async def embeddings(ctx: DaemonContext, params: dict, req: Request) -> dict:
 @handler("show")
 async def show(ctx: DaemonContext, params: dict, req: Request) -> dict:
     p = Params(params, "show")
-    name = p.str("name")
+    name = p.text("name")
     p.finish()
     emb = find_embedding(ctx, name, "show")
     norms: dict[str, list[float]] = {key: [round(float(v), 6) for v in t.float().norm(dim=1)]
@@ -186,9 +186,9 @@ async def convert(ctx: DaemonContext, params: dict, req: Request) -> dict:
     from sdrepl.core.convert import TARGETS, convert_embedding
 
     p = Params(params, "convert")
-    name = p.str("name")
-    to = p.str("to", choices=TARGETS)
-    overwrite = p.bool("overwrite", False)
+    name = p.text("name")
+    to = p.text("to", choices=TARGETS)
+    overwrite = p.flag("overwrite", False)
     p.finish()
 
     emb = find_embedding(ctx, name, "convert")

@@ -1,6 +1,6 @@
 """Typed access to a request's parameters, so every handler rejects bad input the same way.
 
-A handler reads each parameter once through :class:`Params` (``p.int("steps", 20, lo=1, hi=1000)``) and
+A handler reads each parameter once through :class:`Params` (``p.integer("steps", 20, lo=1, hi=1000)``) and
 ends with :meth:`Params.finish`, which rejects parameters nobody read: a typo such as ``stpes`` is an error
 naming the parameter, never silently ignored (the lesson of options popped from ``**kwargs``).
 Every failure is a :class:`BadRequest` that names the request, the parameter, what came and what is
@@ -50,7 +50,7 @@ class Params:
         """The value as sent (for parameters a handler checks itself)."""
         return self._get(name, default)
 
-    def str(self, name: str, default: Any = _MISSING, *, choices: Sequence[str] | None = None) -> str:
+    def text(self, name: str, default: Any = _MISSING, *, choices: Sequence[str] | None = None) -> str:
         value = self._get(name, default)
         if value is default and default is not _MISSING:
             return value
@@ -60,7 +60,7 @@ class Params:
             raise self._fail(name, value, "one of " + ", ".join(choices))
         return value
 
-    def int(self, name: str, default: Any = _MISSING, *, lo: int | None = None, hi: int | None = None,
+    def integer(self, name: str, default: Any = _MISSING, *, lo: int | None = None, hi: int | None = None,
             nullable: bool = False) -> Any:
         value = self._get(name, default)
         if value is None and (nullable or default is None):
@@ -75,7 +75,7 @@ class Params:
             raise self._fail(name, value, _range(lo, hi))
         return value
 
-    def float(self, name: str, default: Any = _MISSING, *, lo: float | None = None,
+    def number(self, name: str, default: Any = _MISSING, *, lo: float | None = None,
               hi: float | None = None) -> Any:
         value = self._get(name, default)
         if value is default and default is not _MISSING:
@@ -86,7 +86,7 @@ class Params:
             raise self._fail(name, value, _range(lo, hi))
         return float(value)
 
-    def bool(self, name: str, default: Any = _MISSING) -> Any:
+    def flag(self, name: str, default: Any = _MISSING) -> Any:
         value = self._get(name, default)
         if value is default and default is not _MISSING:
             return value

@@ -44,18 +44,18 @@ def test_valid_id(value: object, ok: bool) -> None:
 
 def test_params_defaults_and_types() -> None:
     p = Params({"steps": 4, "cfg": 5, "seed": None, "prompt": "x"}, "generate")
-    assert (p.str("prompt"), p.int("steps", 20), p.float("cfg", 7.0), p.int("seed", None, nullable=True),
-            p.str("negative", "")) == ("x", 4, 5.0, None, "")
+    assert (p.text("prompt"), p.integer("steps", 20), p.number("cfg", 7.0), p.integer("seed", None, nullable=True),
+            p.text("negative", "")) == ("x", 4, 5.0, None, "")
     p.finish()
 
 
 @pytest.mark.parametrize("params, read, match", [
-    ({}, lambda p: p.str("prompt"), "generate: missing parameter 'prompt'"),
-    ({"steps": "20"}, lambda p: p.int("steps", 20), "parameter 'steps' must be an integer, got a string"),
-    ({"steps": True}, lambda p: p.int("steps", 20), "parameter 'steps' must be an integer, got a boolean"),
-    ({"steps": 0}, lambda p: p.int("steps", 20, lo=1, hi=1000), "'steps' must be between 1 and 1000, got an integer"),
-    ({"cfg": float("nan")}, lambda p: p.float("cfg", 7.0), "'cfg' must be a finite number"),
-    ({"to": "gif"}, lambda p: p.str("to", choices=("pt", "safetensors")), "'to' must be one of pt, safetensors"),
+    ({}, lambda p: p.text("prompt"), "generate: missing parameter 'prompt'"),
+    ({"steps": "20"}, lambda p: p.integer("steps", 20), "parameter 'steps' must be an integer, got a string"),
+    ({"steps": True}, lambda p: p.integer("steps", 20), "parameter 'steps' must be an integer, got a boolean"),
+    ({"steps": 0}, lambda p: p.integer("steps", 20, lo=1, hi=1000), "'steps' must be between 1 and 1000, got an integer"),
+    ({"cfg": float("nan")}, lambda p: p.number("cfg", 7.0), "'cfg' must be a finite number"),
+    ({"to": "gif"}, lambda p: p.text("to", choices=("pt", "safetensors")), "'to' must be one of pt, safetensors"),
 ])
 def test_params_errors_name_the_parameter(params: dict, read, match: str) -> None:
     with pytest.raises(BadRequest, match=match):
@@ -64,8 +64,8 @@ def test_params_errors_name_the_parameter(params: dict, read, match: str) -> Non
 
 def test_params_unknown_parameter_is_an_error() -> None:
     p = Params({"prompt": "x", "stpes": 3}, "generate")
-    p.str("prompt")
-    p.int("steps", 20)
+    p.text("prompt")
+    p.integer("steps", 20)
     with pytest.raises(BadRequest, match=r"unknown parameter\(s\) 'stpes'; this request takes: prompt, steps"):
         p.finish()
 
@@ -280,9 +280,9 @@ def test_internal_error_reply_names_the_log_not_the_traceback(tmp_path: Path) ->
 
 def test_params_null_means_default() -> None:
     p = Params({"sampler": None, "steps": None, "prompt": None}, "generate")
-    assert (p.str("sampler", "Euler a"), p.int("steps", 20)) == ("Euler a", 20)
+    assert (p.text("sampler", "Euler a"), p.integer("steps", 20)) == ("Euler a", 20)
     with pytest.raises(BadRequest, match="'prompt' must be a string, got null"):
-        p.str("prompt")
+        p.text("prompt")
 
 
 def test_socket_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
