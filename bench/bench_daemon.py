@@ -9,7 +9,7 @@ Measures, on the built-in ``tiny`` model:
   a file deleted -> ``removed`` event (target < 1 s). For scale: diffusers' ``pipe.load_textual_inversion``
   of one file into the loaded pipeline, and the library's own ``update_path`` of the same file.
 - **generation**: a 64x64, 4-step generation through the daemon (client wall time, socket and PNG
-  included) vs. the same work in-process (:func:`sdrepl.daemon.generation.run_generation`: conditioning,
+  included) vs. the same work in-process (:func:`sdrepl.core.generation.run_generation`: conditioning,
   pipeline, PNG), medians (and minima) of ``--runs`` alternated runs; target ratio <= 1.05. The bare pipeline call
   (no conditioning, no PNG) is shown too.
 - **start**: ``sdrepl serve`` spawned -> ``status`` answers (``tiny``, cached build).
@@ -131,9 +131,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(ns.threads)
+    from sdrepl.core.generation import GenerationJob, run_generation
     from sdrepl.core.library import EmbeddingLibrary
     from sdrepl.core.models import load_model
-    from sdrepl.daemon.generation import GenerationJob, OutputFolder, run_generation
+    from sdrepl.core.outputs import OutputFolder
 
     root = Path(tempfile.mkdtemp(prefix="sdb-", dir="/tmp"))
     rows: list[tuple[str, str, str, str]] = []

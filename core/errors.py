@@ -51,3 +51,7 @@ class TrainingError(SdreplError):
 
 class UsageError(SdreplError):
     """A command was written wrongly (unknown option, missing argument)."""
+
+
+class Cancelled(SdreplError):
+    """The request was cancelled (by ``cancel``, by its client going away, or by shutdown)."""

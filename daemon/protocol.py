@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from sdrepl.core.errors import Cancelled as Cancelled  # re-exported: core work raises it too
 from sdrepl.core.errors import SdreplError
 
 #: The protocol's number; bump it for a change an old client cannot ignore (see docs/protocol.md).
@@ -28,10 +29,6 @@ class UnknownRequest(SdreplError):
 
 class ProtocolMismatch(SdreplError):
     """The client speaks another protocol version than the daemon."""
-
-
-class Cancelled(SdreplError):
-    """The request was cancelled (by ``cancel``, by its client going away, or by shutdown)."""
 
 
 class Busy(SdreplError):

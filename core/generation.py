@@ -1,0 +1,122 @@
+"""Prompt -> conditioning -> pipeline -> PNG files with A1111 metadata, on the calling (device) thread.
+
+:func:`run_generation` is the device-side work of a ``generate`` request and has no daemon in it (the
+daemon's handler in ``daemon/generation.py`` only validates and queues), so the benchmark can call it
+in-process to measure what the daemon adds.
+
+Reproducibility: noise comes from a CPU ``torch.Generator`` seeded per picture (picture i uses seed+i), so
+a seed gives the same picture on every device, and ``n`` pictures are n single-picture runs (a picture
+made in a batch of 4 is the picture made alone with its seed).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdrepl.core.embedding import Embedding
+from sdrepl.core.errors import Cancelled
+from sdrepl.core.models import LoadedModel
+from sdrepl.core.outputs import OutputFolder
+from sdrepl.core.pnginfo import build_parameters, png_text_chunks
+from sdrepl.core.prompt import EmbeddingLookup, PromptOptions
+
+MAX_SEED = 2**64 - 1 - 16  # picture i uses seed + i; torch seeds are 64-bit
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """One validated ``generate`` request (the seed is always decided by now)."""
+
+    prompt: str
+    negative: str
+    steps: int
+    cfg: float
+    seed: int
+    width: int
+    height: int
+    sampler: str
+    n: int
+    clip_skip: int
+
+
+class RecordingLookup:
+    """The library as the prompt language sees it, remembering which embeddings a prompt used.
+
+    The ``TI hashes`` written into a picture must name exactly the files its conditioning came from, even
+    if the watcher swaps a file a moment later, so they are recorded at lookup time.
+    """
+
+    def __init__(self, lookup: EmbeddingLookup) -> None:
+        self._lookup = lookup
+        self.used: dict[str, Embedding] = {}
+
+    def get(self, name: str) -> Embedding | None:
+        emb = self._lookup.get(name)
+        if emb is not None:
+            self.used.setdefault(emb.qualified if "/" in name else emb.trigger, emb)
+        return emb
+
+    def suggest(self, name: str, limit: int = 3) -> list[str]:
+        return self._lookup.suggest(name, limit)
+
+    def triggers(self) -> list[str]:
+        return self._lookup.triggers()
+
+    def ti_hashes(self) -> dict[str, str]:
+        return {name: emb.short_hash for name, emb in self.used.items()}
+
+
+def model_label(model: LoadedModel) -> str:
+    """A1111's ``Model``: the checkpoint's name without folder or extension."""
+    return Path(str(model.name).rstrip("/")).stem or str(model.name)
+
+
+def run_generation(
+    model: LoadedModel,
+    lookup: EmbeddingLookup,
+    job: GenerationJob,
+    outputs: OutputFolder,
+    *,
+    cancel_event: threading.Event | None = None,
+    on_progress: Callable[[int, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Make ``job.n`` pictures on the calling (device) thread; ``on_progress(step, total, image)``."""
+    from sdrepl.core.conditioning import encode_prompts
+    from sdrepl.core.samplers import make_scheduler, sample
+
+    started = time.monotonic()
+    pipe = model.pipe
+    pipe.scheduler = make_scheduler(job.sampler, pipe.scheduler.config)
+    recorder = RecordingLookup(lookup)
+    cond = encode_prompts(model, job.prompt, job.negative, recorder, PromptOptions(clip_skip=job.clip_skip))
+    ti_hashes = recorder.ti_hashes()
+    total = job.steps * job.n
+    images = []
+    for index in range(job.n):
+        seed = job.seed + index
+
+        def on_step(_pipe: Any, step: int, _timestep: Any, kwargs: dict, index: int = index) -> dict:
+            if cancel_event is not None and cancel_event.is_set():
+                raise Cancelled(f"generate: cancelled at step {step + 1} of {job.steps} (picture {index + 1} of "
+                                f"{job.n})")
+            if on_progress is not None:
+                on_progress(index * job.steps + step + 1, total, index)
+            return kwargs
+
+        if cancel_event is not None and cancel_event.is_set():
+            raise Cancelled(f"generate: cancelled before picture {index + 1} of {job.n}")
+        image = sample(model, cond, steps=job.steps, cfg=job.cfg, width=job.width, height=job.height, seed=seed,
+                       on_step=on_step)
+        text = build_parameters(prompt=job.prompt, negative=job.negative, steps=job.steps, sampler=job.sampler,
+                                cfg=job.cfg, seed=seed, width=job.width, height=job.height,
+                                model_hash=model.model_hash, model=model_label(model), clip_skip=job.clip_skip,
+                                ti_hashes=ti_hashes)
+        info = png_text_chunks(text)
+        path = outputs.save(lambda tmp, image=image, info=info: image.save(tmp, format="PNG", pnginfo=info), seed)
+        images.append({"path": str(path), "seed": seed})
+    return {"images": images, "tokens": cond.budget, "elapsed_s": round(time.monotonic() - started, 4)}
