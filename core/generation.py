@@ -25,8 +25,6 @@ from sdrepl.core.outputs import OutputFolder
 from sdrepl.core.pnginfo import build_parameters, png_text_chunks
 from sdrepl.core.prompt import EmbeddingLookup, PromptOptions
 
-MAX_SEED = 2**64 - 1 - 16  # picture i uses seed + i; torch seeds are 64-bit
-
 
 @dataclass(frozen=True)
 class GenerationJob:
@@ -87,7 +85,7 @@ def run_generation(
 ) -> dict[str, Any]:
     """Make ``job.n`` pictures on the calling (device) thread; ``on_progress(step, total, image)``."""
     from sdrepl.core.conditioning import encode_prompts
-    from sdrepl.core.samplers import make_scheduler, sample
+    from sdrepl.core.samplers import make_scheduler, sample, user_step
 
     started = time.monotonic()
     pipe = model.pipe
@@ -100,12 +98,13 @@ def run_generation(
     for index in range(job.n):
         seed = job.seed + index
 
-        def on_step(_pipe: Any, step: int, _timestep: Any, kwargs: dict, index: int = index) -> dict:
+        def on_step(pipe_: Any, step: int, _timestep: Any, kwargs: dict, index: int = index) -> dict:
+            done = user_step(step, len(pipe_.scheduler.timesteps), job.steps)  # Heun & co.: 2 calls a step
             if cancel_event is not None and cancel_event.is_set():
-                raise Cancelled(f"generate: cancelled at step {step + 1} of {job.steps} (picture {index + 1} of "
+                raise Cancelled(f"generate: cancelled at step {done} of {job.steps} (picture {index + 1} of "
                                 f"{job.n})")
             if on_progress is not None:
-                on_progress(index * job.steps + step + 1, total, index)
+                on_progress(index * job.steps + done, total, index)
             return kwargs
 
         if cancel_event is not None and cancel_event.is_set():

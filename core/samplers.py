@@ -102,6 +102,18 @@ def make_scheduler(name: str, base_config: Mapping[str, Any] | None):
     return cls.from_config(config)
 
 
+def user_step(index: int, scheduler_steps: int, steps: int) -> int:
+    """The user's step (1..steps) for diffusers' step callback ``index`` (0-based) of ``scheduler_steps``.
+
+    Second-order samplers (Heun, DPM2, DPM2 a, DPM++ SDE) run about two model evaluations per step, and
+    their schedulers list ``2 * steps - 1`` timesteps: counted raw, progress ends at 7/4. Scaling keeps it
+    on the user's scale and ends exactly at ``steps``.
+    """
+    if scheduler_steps <= steps or scheduler_steps <= 0:
+        return min(index + 1, steps)
+    return max(1, min(steps, round((index + 1) * steps / scheduler_steps)))
+
+
 def sample(model: Any, cond: Any, *, steps: int, cfg: float, width: int, height: int, seed: int,
            on_step: Any = None):
     """One picture from prepared conditioning (``core.conditioning.Conditioning``) with the model's current

@@ -13,7 +13,8 @@ import time
 from typing import Any
 
 from sdrepl.core.budget import prompt_budget
-from sdrepl.core.generation import MAX_SEED, GenerationJob, run_generation
+from sdrepl.core.generation import GenerationJob, run_generation
+from sdrepl.core.limits import LIMITS, MAX_SEED
 from sdrepl.core.outputs import output_folder
 from sdrepl.core.prompt import PromptOptions
 from sdrepl.core.samplers import DEFAULT_SAMPLER, find_sampler
@@ -23,19 +24,27 @@ from sdrepl.daemon.protocol import BadRequest
 from sdrepl.daemon.registry import Request, handler
 
 
+def _limited(p: Params, name: str, default: Any) -> Any:
+    """Parameter ``name`` within ``core.limits.LIMITS`` (the table the REPL checks against too)."""
+    limit = LIMITS[name]
+    if isinstance(limit.lo, float):
+        return p.number(name, default, lo=limit.lo, hi=limit.hi)
+    return p.integer(name, default, lo=int(limit.lo), hi=int(limit.hi), nullable=default is None)
+
+
 def parse_job(params: dict, native_size: int | None = None) -> tuple[GenerationJob, bool]:
     """Validate a ``generate`` request's parameters; also whether the seed was chosen at random."""
     p = Params(params, "generate")
     prompt = p.text("prompt")
     negative = p.text("negative", "")
-    steps = p.integer("steps", 20, lo=1, hi=1000)
-    cfg = p.number("cfg", 7.0, lo=0.0, hi=100.0)
-    seed = p.integer("seed", None, lo=-1, hi=MAX_SEED, nullable=True)
-    width = p.integer("width", None, lo=8, hi=8192, nullable=True)
-    height = p.integer("height", None, lo=8, hi=8192, nullable=True)
+    steps = _limited(p, "steps", 20)
+    cfg = _limited(p, "cfg", 7.0)
+    seed = p.integer("seed", None, lo=-1, hi=MAX_SEED, nullable=True)  # -1: A1111's "random"
+    width = _limited(p, "width", None)
+    height = _limited(p, "height", None)
     sampler = find_sampler(p.text("sampler", DEFAULT_SAMPLER)).name
-    n = p.integer("n", 1, lo=1, hi=16)
-    clip_skip = p.integer("clip_skip", 1, lo=1, hi=12)
+    n = _limited(p, "n", 1)
+    clip_skip = _limited(p, "clip_skip", 1)
     p.finish()
     width = width or native_size or 512
     height = height or native_size or 512

@@ -17,6 +17,7 @@ from sdrepl import __version__
 from sdrepl.core.budget import prompt_budget
 from sdrepl.core.embedding import Embedding
 from sdrepl.core.errors import PromptError
+from sdrepl.core.limits import int_range
 from sdrepl.core.prompt import PromptOptions
 from sdrepl.daemon.context import DaemonContext
 from sdrepl.daemon.params import Params
@@ -138,7 +139,7 @@ async def tokens(ctx: DaemonContext, params: dict, req: Request) -> dict:
     p = Params(params, "tokens")
     prompt = p.text("prompt")
     negative = p.text("negative", "")
-    clip_skip = p.integer("clip_skip", 1, lo=1, hi=12)
+    clip_skip = p.integer("clip_skip", 1, lo=int_range("clip_skip")[0], hi=int_range("clip_skip")[1])
     p.finish()
     assert ctx.residency is not None
     options = PromptOptions(clip_skip=clip_skip)

@@ -142,13 +142,19 @@ async def train_pause(ctx: DaemonContext, params: dict, req: Request) -> dict:
     return {"job": job.describe()}
 
 
+#: A job's end state in words, for messages about a job that cannot be resumed.
+_ENDED = {"done": "finished", "stopped": "been stopped", "failed": "failed"}
+
+
 @handler("train_resume")
 async def train_resume(ctx: DaemonContext, params: dict, req: Request) -> dict:
     Params(params, "train_resume").finish()
     job = active_job(ctx, "train_resume")
     if not job.active:
-        raise TrainingError(f"train_resume: the job {job.name!r} has ended ({job.state}); to continue it, "
-                            f"!train {job.name} --resume --steps N")
+        steps = job.trainer.step_count
+        raise TrainingError(f"!train resume: training {job.name} has already {_ENDED.get(job.state, 'ended')} "
+                            f"(step {steps}/{job.trainer.total}); only a paused job resumes. To train it further: "
+                            f"!train {job.name} --data DIR --resume --steps N, with N above {steps}")
     job.resume()
     return {"job": job.describe()}
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdrepl.core.errors import SdreplError, UsageError
-from sdrepl.daemon.lifecycle import format_status
+from sdrepl.core.limits import float_range, int_range
+from sdrepl.core.status_text import format_status
 from sdrepl.repl import render
 from sdrepl.repl.parse import GenerationLine, escape, to_float, to_int, to_sampler, to_seed, to_size, unquote
 from sdrepl.repl.train_args import resolve_paths
@@ -163,8 +164,9 @@ def defaults_dict(defaults: Any) -> dict[str, Any]:
 
 
 _SETTERS: dict[str, Callable[[str], Any]] = {
-    "steps": to_int(1, 1000), "cfg": to_float(0, 100), "seed": to_seed, "sampler": to_sampler,
-    "n": to_int(1, 64), "clip_skip": to_int(1, 12), "negative": unquote,
+    "steps": to_int(*int_range("steps")), "cfg": to_float(*float_range("cfg")), "seed": to_seed,
+    "sampler": to_sampler, "n": to_int(*int_range("n")), "clip_skip": to_int(*int_range("clip_skip")),
+    "negative": unquote,
     "size": lambda v: None if v.strip().lower() in ("native", "auto", "none") else to_size(v),
 }
 
@@ -184,10 +186,23 @@ async def run_set(session: Session, parsed: tuple[str | None, str | None], start
             new = _SETTERS[key](value)
         except ValueError as exc:
             raise UsageError(f"!set {key} {value!r}: {exc}") from None
+    if key == "negative" and new:
+        await check_negative(session, value, new)
     setattr(session.defaults, key, new)
     values = defaults_dict(session.defaults)
     return Outcome({"defaults": values, "set": {key: values[key]}},
                    f"{key} = {render.format_value(key, values[key])}")
+
+
+async def check_negative(session: Session, typed: str, negative: str) -> None:
+    """A default negative is checked when set (an unknown ``<name>`` would otherwise fail every later line)."""
+    try:
+        await session.client.request("tokens", prompt="", negative=negative)
+    except SdreplError as exc:
+        if getattr(exc, "type_name", "") in ("DaemonUnavailable",) or isinstance(exc, ConnectionError):
+            raise
+        message = getattr(exc, "message", None) or str(exc)
+        raise UsageError(f"!set negative {typed}: {message}; the default negative is unchanged") from None
 
 
 async def run_history(session: Session, text: str, started: Started) -> Outcome:

@@ -96,7 +96,10 @@ def parse_show(args: str) -> str:
 
 
 def parse_tokens(args: str) -> GenerationLine:
-    return parse_generation(args)
+    line = parse_generation(args)
+    if not line.prompt.strip() and not (line.negative or "").strip():
+        raise UsageError("!tokens needs a prompt to count: !tokens PROMPT [--neg TEXT], e.g. !tokens a cat <name>")
+    return line
 
 
 SET_KEYS = ("steps", "cfg", "seed", "size", "sampler", "negative", "n", "clip_skip")

@@ -27,6 +27,8 @@ from prompt_toolkit.completion import (
 )
 from prompt_toolkit.document import Document
 
+from sdrepl.repl import commands, parse, train_args
+
 log = logging.getLogger("sdrepl.repl")
 
 #: ``<`` then the partial name under the cursor (names may hold ``/`` for ``<folder/name>``).
@@ -37,7 +39,7 @@ OPTION_NAME = re.compile(r"(?:^|\s)--([\w-]*)$")
 OPTION_VALUE = re.compile(r"(?:^|\s)--([\w-]+)\s+((?:(?!\s--).)*)$")
 
 
-# -- the command table: the session's own (sdrepl.repl.commands) when present, else the contract's ----
+# -- the command table: the session's own (sdrepl.repl.commands), so help and completion agree ---------
 
 
 @dataclass(frozen=True)
@@ -49,22 +51,11 @@ class CommandInfo:
     options: dict[str, str] = field(default_factory=dict)
 
 
-GENERATION_OPTIONS = {"neg": "TEXT", "steps": "N", "cfg": "F", "seed": "N", "size": "WxH", "sampler": "NAME",
-                      "n": "N"}
-SET_KEYS = ("steps", "cfg", "seed", "size", "sampler", "negative", "n")
 TRAIN_SUBCOMMANDS = ("status", "pause", "resume", "stop")
 #: values offered for options whose metavar does not list them (``--to a|b|c`` does).
 OPTION_VALUES: dict[str, tuple[str, ...]] = {
     "template": ("subject", "style", "subject_filewords", "style_filewords", "none"),
     "format": ("safetensors", "pt"),
-}
-_CONTRACT = {  # interface.md's commands, used when the session's table cannot be imported
-    "help": "help, per command", "embeddings": "loaded embeddings and skipped files", "show": "one embedding",
-    "tokens": "the token budget of a prompt", "set": "show or set session defaults",
-    "create": "a new, untrained embedding", "train": "train an embedding", "preprocess": "prepare a training folder",
-    "convert": "write an embedding in another format", "fetch": "the command that made a picture",
-    "replay": "run a file of REPL lines", "history": "numbered history", "reload": "rescan the embeddings folders",
-    "status": "the daemon's state", "quit": "leave the REPL", "exit": "leave the REPL",
 }
 
 
@@ -72,42 +63,30 @@ def _long_options(options: Any) -> dict[str, str]:
     """``parse.Option`` rows -> ``{"steps": "N", "overwrite": ""}`` by each option's first long spelling."""
     out = {}
     for opt in options or ():
-        long_names = [n for n in getattr(opt, "names", ()) if n.startswith("--")]
+        long_names = [n for n in opt.names if n.startswith("--")]
         if long_names:
-            out[long_names[0][2:]] = getattr(opt, "metavar", "") or ""
+            out[long_names[0][2:]] = opt.metavar or ""
     return out
 
 
 def generation_options() -> dict[str, str]:
-    """The generation line's long options, from the session's parser when it is importable."""
-    try:
-        from sdrepl.repl import parse
-    except ImportError:
-        return dict(GENERATION_OPTIONS)
-    return _long_options(getattr(parse, "GENERATION_OPTIONS", ())) or dict(GENERATION_OPTIONS)
+    """The generation line's long options, from the session's parser."""
+    return _long_options(parse.GENERATION_OPTIONS)
 
 
 @functools.lru_cache(maxsize=1)
 def command_table() -> dict[str, CommandInfo]:
     """Meta-commands by name (aliases too), read from the session's table so help and completion agree.
 
-    Options come from the option tables the commands parse with (``CREATE_OPTIONS``, ``TRAIN_OPTIONS``,
-    ...); until that module imports (it is written alongside), interface.md's command list is used.
+    Options come from the option tables the commands parse with (``CREATE_OPTIONS``, ``TRAIN_OPTIONS``, ...).
     """
-    try:
-        from sdrepl.repl import commands, parse, train_args
-    except Exception:  # an ImportError, or any bug in a module being written: completion must still work
-        log.warning("sdrepl.repl.commands unavailable; completing from the contract's command list", exc_info=True)
-        return {name: CommandInfo(name, summary) for name, summary in _CONTRACT.items()}
-    tables = {"create": getattr(commands, "CREATE_OPTIONS", ()), "convert": getattr(commands, "CONVERT_OPTIONS", ()),
-              "preprocess": getattr(commands, "PREPROCESS_OPTIONS", ()),
-              "train": getattr(train_args, "TRAIN_OPTIONS", ()), "tokens": getattr(parse, "GENERATION_OPTIONS", ())}
-    rows = commands.COMMANDS.values() if isinstance(commands.COMMANDS, dict) else commands.COMMANDS
+    tables = {"create": commands.CREATE_OPTIONS, "convert": commands.CONVERT_OPTIONS,
+              "preprocess": commands.PREPROCESS_OPTIONS, "train": train_args.TRAIN_OPTIONS,
+              "tokens": parse.GENERATION_OPTIONS}
     table = {}
-    for cmd in rows:
-        info = CommandInfo(cmd.name, getattr(cmd, "summary", "") or getattr(cmd, "usage", ""),
-                           _long_options(getattr(cmd, "options", None) or tables.get(cmd.name)))
-        for name in (cmd.name, *getattr(cmd, "aliases", ())):
+    for cmd in commands.COMMANDS:
+        info = CommandInfo(cmd.name, cmd.summary or cmd.usage, _long_options(tables.get(cmd.name)))
+        for name in (cmd.name, *cmd.aliases):
             table[name] = info
     return table
 
@@ -121,12 +100,7 @@ def option_values(option: str, metavar: str) -> tuple[str, ...]:
 
 
 def set_keys() -> tuple[str, ...]:
-    try:
-        from sdrepl.repl import commands
-
-        return tuple(commands.SET_KEYS)
-    except Exception:
-        return SET_KEYS
+    return tuple(commands.SET_KEYS)
 
 
 PATH_OPTIONS = {"data": True, "log-dir": True, "template": False, "init-from": False}

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdrepl.core.errors import PromptError, SdreplError, UsageError
+from sdrepl.core.limits import LIMITS, MAX_SEED, float_range, int_range
 from sdrepl.core.samplers import find_sampler
 
 _LONG = r"--[A-Za-z][\w-]*(?==|\s|$)"
@@ -176,22 +177,23 @@ def to_seed(text: str) -> int | None:
         seed = int(value)
     except ValueError:
         raise ValueError("is not a seed; use a whole number such as 1234, or random") from None
-    if not 0 <= seed < 2**64:
-        raise ValueError("is out of range; use a whole number from 0 to 2^64-1, or random")
+    if not LIMITS["seed"].check(seed):
+        raise ValueError(f"is out of range; use a whole number from 0 to {MAX_SEED}, or random")
     return seed
 
 
 def to_size(text: str) -> tuple[int, int]:
-    """``512x768`` (also ``512X768``, ``512*768``, or ``512`` for a square); both multiples of 8, 64..4096."""
+    """``512x768`` (also ``512X768``, ``512*768``, or ``512`` for a square); in ``core.limits``' range."""
     match = re.fullmatch(r"\s*(\d+)\s*(?:[xX*×]\s*(\d+))?\s*", text)
     if not match:
         raise ValueError("is not a size; write WIDTHxHEIGHT, e.g. 512x512 or 768x512")
     width = int(match.group(1))
     height = int(match.group(2) or width)
-    for dim in (width, height):
-        if dim % 8 or not 64 <= dim <= 4096:
-            raise ValueError(f"{width}x{height}: width and height must be multiples of 8 from 64 to 4096, "
-                             "e.g. 512x512")
+    for key, dim in (("width", width), ("height", height)):
+        limit = LIMITS[key]
+        if not limit.check(dim):
+            raise ValueError(f"{width}x{height}: width and height must be multiples of {limit.multiple} from "
+                             f"{limit.lo:g} to {limit.hi:g}, e.g. 512x512")
     return width, height
 
 
@@ -212,15 +214,15 @@ def to_sampler(text: str) -> str:
 
 GENERATION_OPTIONS: tuple[Option, ...] = (
     Option("negative", ("--neg", "--negative", "--negative-prompt", "--negative_prompt"), to_text, "TEXT"),
-    Option("steps", ("--steps", "-s"), to_int(1, 1000), "N"),
-    Option("cfg", ("--cfg", "--cfg-scale", "--cfg_scale", "-C"), to_float(0, 100), "F"),
+    Option("steps", ("--steps", "-s"), to_int(*int_range("steps")), "N"),
+    Option("cfg", ("--cfg", "--cfg-scale", "--cfg_scale", "-C"), to_float(*float_range("cfg")), "F"),
     Option("seed", ("--seed", "-S"), to_seed, "N"),
     Option("size", ("--size",), to_size, "WxH"),
     Option("sampler", ("--sampler", "--sampler-name", "--sampler_name", "-A"), to_sampler, "NAME"),
-    Option("n", ("--n", "-n", "--n-iter", "--batch-count"), to_int(1, 64), "N"),
+    Option("n", ("--n", "-n", "--n-iter", "--batch-count"), to_int(*int_range("n")), "N"),
     Option("width", ("--width", "-W"), to_dim, "W"),
     Option("height", ("--height", "-H"), to_dim, "H"),
-    Option("clip_skip", ("--clip-skip", "--clip_skip"), to_int(1, 12), "N"),
+    Option("clip_skip", ("--clip-skip", "--clip_skip"), to_int(*int_range("clip_skip")), "N"),
 )
 
 

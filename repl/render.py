@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sdrepl.daemon.lifecycle import format_duration
+from sdrepl.core.status_text import format_duration
 
 SEP = " · "
 

@@ -17,21 +17,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sdrepl.core.errors import SdreplError
+from sdrepl.core.status_text import format_duration
+from sdrepl.repl.parse import GENERATION_OPTIONS, Option, split_options, to_text
 from sdrepl.repl.state import Budget, ReplState
 
 log = logging.getLogger("sdrepl.repl")
 
-#: where an option may start (the fallback rule when the session's parser cannot be imported).
+#: where an option may start (to cut a half-typed trailing option off).
 _OPTION_START = re.compile(r"(?:^|(?<=\s))-")
 
 
 @functools.lru_cache(maxsize=1)
-def _lenient_generation_options() -> tuple[Any, ...] | None:
+def _lenient_generation_options() -> tuple[Option, ...]:
     """The session's generation options with every value taken as text (a half-typed value still splits)."""
-    try:
-        from sdrepl.repl.parse import GENERATION_OPTIONS, Option, to_text
-    except ImportError:
-        return None
     return tuple(Option(o.key, o.names, to_text if o.convert else None, o.metavar) for o in GENERATION_OPTIONS)
 
 
@@ -45,21 +44,15 @@ def split_prompt(text: str) -> tuple[str, str | None]:
     """
     options = _lenient_generation_options()
     for _ in range(32):
-        if options is None:
-            break
         try:
-            from sdrepl.repl.parse import split_options
-
             head, values = split_options(text, options, where="toolbar", short=True)
             return head, values.get("negative")
-        except Exception:
+        except SdreplError:
             starts = [m.start() for m in _OPTION_START.finditer(text)]
             if not starts or starts[-1] == 0:
                 return "", None
             text = text[: starts[-1]]
-    head = re.split(r"(?:^|\s)--(?=[A-Za-z])", text, maxsplit=1)[0]
-    neg = re.search(r"(?:^|\s)--neg\s+((?:(?!\s--).)*)", text, re.S)
-    return head.strip(), (neg.group(1).strip() if neg else None)
+    return "", None
 
 
 def budget_request(text: str, default_negative: str = "") -> tuple[str, str] | None:
@@ -171,14 +164,6 @@ class BudgetTracker:
 # -- drawing ----------------------------------------------------------------------------------------
 
 
-def format_eta(seconds: float | None) -> str:
-    if seconds is None or seconds < 0:
-        return "?"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
-
 def budget_parts(budget: Budget | None, state: ReplState) -> list[tuple[str, str]]:
     """``tokens 12/75 · neg 8/75 · <bad-prompt> 16v · 2 chunks``, or the reason it cannot be counted."""
     if budget is None:
@@ -226,7 +211,8 @@ def model_part(state: ReplState) -> tuple[str, str] | None:
 
 
 def training_part(state: ReplState) -> tuple[str, str] | None:
-    """``train cat-toy 120/3000 loss 0.123 4.5 it/s ETA 10:40`` while a job is alive."""
+    """``train cat-toy 120/3000 loss 0.123 4.5 it/s ETA 10m40s`` while a job is alive (``format_duration``:
+    the one ETA format of ``!train status`` and ``sdrepl status`` too)."""
     job = state.training
     if not job or job.get("state") not in ("starting", "running", "paused", "stopping"):
         return None
@@ -236,7 +222,8 @@ def training_part(state: ReplState) -> tuple[str, str] | None:
     if job.get("it_s"):
         text += f" {job['it_s']:.1f} it/s"
     if job.get("state") == "running":
-        text += f" ETA {format_eta(job.get('eta_s'))}"
+        eta = job.get("eta_s")
+        text += f" ETA {format_duration(eta) if isinstance(eta, (int, float)) and eta >= 0 else '?'}"
     else:
         text += f" ({job['state']})"
     return ("class:toolbar.train", text)

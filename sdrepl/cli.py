@@ -17,6 +17,13 @@ from sdrepl.config import add_shared_options, settings_from_args
 from sdrepl.core.errors import SdreplError
 
 COMMANDS = ("serve", "status", "stop", "convert")
+#: One line per subcommand, listed by ``sdrepl --help``.
+SUMMARIES = {
+    "serve": "run the daemon (foreground; --detach for background)",
+    "status": "is a daemon up: model, device, memory, embeddings, queue, training job",
+    "stop": "stop the daemon gracefully (a training job saves a checkpoint first)",
+    "convert": "convert an embedding file between formats, without a daemon",
+}
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:
@@ -27,7 +34,12 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
         "status": "Is a daemon up, and what is it doing.",
         "stop": "Stop the daemon gracefully (a training job saves a resumable checkpoint first).",
     }
-    parser = argparse.ArgumentParser(prog=prog, description=descriptions[command])
+    epilog = None
+    if command is None:
+        epilog = ("commands:\n" + "\n".join(f"  sdrepl {name:<8} {SUMMARIES[name]}" for name in COMMANDS)
+                  + "\n\n`sdrepl COMMAND --help` for a command's options.")
+    parser = argparse.ArgumentParser(prog=prog, description=descriptions[command], epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"sdrepl {__version__}")
     add_shared_options(parser)
     if command is None:

@@ -30,9 +30,9 @@ def parse_duration(text: str) -> float | None:
         return None
     if re.fullmatch(r"\d+(\.\d+)?", text):
         return float(text)
-    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(h|m|s|ms)", text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(ms|h|m|s)", text)  # ms before m, or "500ms" never matches
     if not parts or "".join(n + u for n, u in parts) != re.sub(r"\s+", "", text):
-        raise UsageError(f"--keep-alive {text!r} is not a duration; use e.g. 30s, 5m, 1h30m, 0 or forever")
+        raise UsageError(f"--keep-alive {text!r} is not a duration; use e.g. 500ms, 30s, 5m, 1h30m, 0 or forever")
     scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
     return sum(float(n) * scale[u] for n, u in parts)
 

@@ -221,7 +221,8 @@ def test_pause_resume_stop_and_one_job_at_a_time(shared_daemon):
             assert load_checkpoint(root / "long-log" / "checkpoint.pt")["step"] == stopped["step"]
             listed = {e["name"] for e in (await client.request("embeddings"))["embeddings"]}
             assert "long" in listed
-            await _expect_error(client, "TrainingError", "train_resume")
+            message = await _expect_error(client, "TrainingError", "train_resume")
+            assert "training long has already been stopped" in message and "only a paused job resumes" in message
 
     run(scenario(), timeout=240)
 

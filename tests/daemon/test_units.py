@@ -301,3 +301,4 @@ def test_socket_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
         first.release()
     assert second.holder() is None and second.acquire()
     second.release()
+

@@ -18,6 +18,8 @@ import pytest
 from daemon_testing import make_daemon, short_dir
 
 from sdrepl.daemon.client import RemoteError
+from sdrepl.daemon.generation import parse_job
+from sdrepl.daemon.protocol import BadRequest
 
 TOKENS = {"count": 5, "limit": 75, "chunks": 1, "embeddings": ["bad-hands-5"], "bare": [],
           "chunk_texts": ["a photo of <bad-hands-5>"],
@@ -25,6 +27,11 @@ TOKENS = {"count": 5, "limit": 75, "chunks": 1, "embeddings": ["bad-hands-5"], "
 
 
 def generate_reply(params: dict[str, Any]) -> dict[str, Any]:
+    """A picture per ``n``, after the daemon's own parameter validation (``core.limits``: one table)."""
+    try:
+        parse_job(params)
+    except BadRequest as exc:
+        raise RemoteError("BadRequest", str(exc)) from None
     seed = 1234 if params.get("seed") is None else params["seed"]
     return {"images": [{"path": f"/out/2026-11-22/{i + 1:05d}-{seed + i}.png", "seed": seed + i}
                        for i in range(params.get("n", 1))],

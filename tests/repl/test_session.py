@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from sdrepl.core.pnginfo import build_parameters, png_text_chunks
+from sdrepl.core.status_text import format_status
 from sdrepl.daemon.client import DaemonUnavailable, RemoteError
-from sdrepl.daemon.lifecycle import format_status
 from sdrepl.repl.session import LineResult, Session, SessionDefaults
 
 

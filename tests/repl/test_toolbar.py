@@ -20,11 +20,11 @@ from sdrepl.core.embedding import SINGLE
 from sdrepl.core.errors import SdreplError
 from sdrepl.core.library import EmbeddingLibrary
 from sdrepl.daemon.client import RemoteError
+from sdrepl.repl import render
 from sdrepl.repl.state import Budget, ReplState
 from sdrepl.repl.toolbar import (
     BudgetTracker,
     budget_request,
-    format_eta,
     render_toolbar,
     split_prompt,
     toolbar_text,
@@ -170,7 +170,7 @@ def test_a_running_training_job():
     state.apply_event({"type": "event", "event": "train", "job": {
         "name": "cat-toy", "state": "running", "step": 120, "total": 3000, "loss": 0.1234, "it_s": 4.5,
         "eta_s": 640}})
-    assert toolbar_text(state) == "train cat-toy 120/3000 loss 0.123 4.5 it/s ETA 10:40"
+    assert toolbar_text(state) == "train cat-toy 120/3000 loss 0.123 4.5 it/s ETA 10m40s"
 
 
 def test_a_finished_job_leaves_the_toolbar_and_says_so():
@@ -182,9 +182,13 @@ def test_a_finished_job_leaves_the_toolbar_and_says_so():
     assert "train" not in toolbar_text(state)
 
 
-@pytest.mark.parametrize(("seconds", "text"), [(640, "10:40"), (5, "0:05"), (3725, "1:02:05"), (None, "?")])
-def test_eta(seconds, text):
-    assert format_eta(seconds) == text
+@pytest.mark.parametrize(("seconds", "text"), [(640, "10m40s"), (5, "5s"), (3725, "1h02m"), (None, "?")])
+def test_the_toolbar_eta_is_the_one_eta_format(seconds, text):
+    """One ETA format everywhere: the toolbar writes what ``!train status`` (render.job) writes."""
+    job = {"name": "cat", "state": "running", "step": 1, "total": 10, "eta_s": seconds}
+    assert toolbar_text(ReplState(training=job)).endswith(f"ETA {text}")
+    if seconds is not None:
+        assert f"eta {text}" in render.job(job)
 
 
 def test_a_broken_state_draws_a_note_not_a_crash():

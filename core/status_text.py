@@ -1,0 +1,48 @@
+"""Human text for a daemon's ``status`` reply and for durations (uptimes, ETAs).
+
+``sdrepl status`` (daemon side) and the REPL's ``!status``, toolbar and training lines all print these, so
+they live here, below both, rather than in ``daemon.lifecycle`` where the REPL had to reach for them.
+The functions only read the JSON-shaped reply; nothing here talks to a daemon.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def format_duration(seconds: float) -> str:
+    """``7s``, ``5m07s``, ``1h05m``: uptimes and ETAs, in ``sdrepl status`` and the REPL alike."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def format_status(s: dict[str, Any]) -> str:
+    """The human summary of a ``status`` result: ``sdrepl status`` and the REPL's ``!status`` print this."""
+    model = s.get("model") or {}
+    mem = s.get("memory") or {}
+    emb = s.get("embeddings") or {}
+    queue = s.get("queue") or {}
+    job = s.get("training")
+    memory = f"rss {mem.get('rss_mb')} MB"
+    if mem.get("cuda_allocated_mb") is not None:
+        memory += f"; CUDA {mem['cuda_allocated_mb']} MB allocated, {mem.get('cuda_peak_mb')} MB peak"
+    keep = s.get("keep_alive_s")
+    lines = [
+        f"sdrepl daemon {s.get('version')} (protocol {s.get('protocol')}), pid {s.get('pid')}, "
+        f"up {format_duration(s.get('uptime_s') or 0)}, socket {s.get('socket')}",
+        (f"model:      {model.get('model')} ({model.get('family')}, {model.get('source')}) on {model.get('device')} "
+         f"{model.get('dtype')}, native {model.get('native_size')}px: {s.get('state')}" if model
+         else f"model:      not loaded: {s.get('state')}"),
+        f"memory:     {memory}",
+        f"embeddings: {emb.get('loaded')} loaded, {emb.get('skipped')} skipped in "
+        f"{', '.join(emb.get('folders') or [])}",
+        f"queue:      {queue.get('pending')} pending, " + (f"running {queue['running']}" if queue.get("running")
+                                                           else "idle"),
+        "training:   " + (f"{job.get('name')} {job.get('state')} step {job.get('step')}/{job.get('total')}"
+                          f" loss {job.get('loss')}" if job else "none"),
+        f"clients:    {s.get('clients')}; keep-alive {'forever' if keep is None else f'{keep:g} s'}; "
+        f"outputs {s.get('outputs')}",
+    ]
+    return "\n".join(lines)
