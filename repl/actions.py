@@ -211,6 +211,15 @@ async def run_history(session: Session, text: str, started: Started) -> Outcome:
     return Outcome({"history": [{"n": n, "line": line} for n, line in entries]}, render.history(entries))
 
 
+def recall(session: Session, number: int) -> Outcome:
+    """``!NN``: history entry NN, for the edit buffer (interactive) or printed (scripted); it is not run."""
+    lines = session.history_lines()
+    if not 1 <= number <= len(lines):
+        raise UsageError(f"!{number}: no history entry {number} (there are {len(lines)}); !history lists them")
+    line = lines[number - 1]
+    return Outcome({"command": line, "history": number}, line, edit_buffer=line)
+
+
 async def run_status(session: Session, _: None, started: Started) -> Outcome:
     reply = await session.client.request("status")
     return Outcome({"status": reply}, format_status(reply))

@@ -24,6 +24,7 @@ from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.styles import Style
 
 from sdrepl.repl.completion import make_completer
+from sdrepl.repl.history import BlockHistory
 from sdrepl.repl.keys import AbandonBlock, make_key_bindings, sigint_handler
 from sdrepl.repl.lines import LineAssembler, LogicalLine
 from sdrepl.repl.state import ReplState, StateFeed
@@ -52,16 +53,16 @@ def history_path() -> Path:
 
 
 def open_history() -> History:
-    """A FileHistory, or an in-memory one (with a warning) when the file cannot be written."""
+    """A FileHistory, or an in-memory one (with a warning) when the file cannot be written; blocks are one entry."""
     path = history_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch(exist_ok=True)
-        return FileHistory(str(path))
+        return BlockHistory(FileHistory(str(path)))
     except OSError as exc:
         print(f"sdrepl: history not saved: cannot write {path} ({exc.strerror}); set SDREPL_HISTORY to "
               "a writable file", file=sys.stderr)
-        return InMemoryHistory()
+        return BlockHistory(InMemoryHistory())
 
 
 class InteractiveRepl:
@@ -229,6 +230,9 @@ class InteractiveRepl:
     def abandon_block(self) -> None:
         if self.lines.pending:
             self.emit("(block abandoned)")
+        abandon = getattr(self.prompt.history, "abandon", None)
+        if abandon is not None:
+            abandon()
         self.lines = LineAssembler()
         self.block = None
 

@@ -1,8 +1,8 @@
 """Key bindings of the interactive REPL, and what Ctrl-C means while a line runs.
 
 At the prompt (prompt_toolkit active): Ctrl-C clears the line (or abandons an open ``\"\"\"`` block when
-the line is already empty), Ctrl-D on an empty line leaves, Ctrl-R is prompt_toolkit's reverse history
-search (its default Emacs binding). While a line executes prompt_toolkit is not reading keys; the
+the line is already empty; on an empty line outside a block it says how to leave), Ctrl-D on an empty
+line leaves, Ctrl-R is prompt_toolkit's reverse history search (its default Emacs binding). While a line executes prompt_toolkit is not reading keys; the
 terminal delivers Ctrl-C as SIGINT and :func:`sigint_handler` turns it into a callback on the loop
 (cancel the running generation) instead of a KeyboardInterrupt raised at a random point.
 """
@@ -15,10 +15,15 @@ import logging
 import signal
 from collections.abc import Callable, Iterator
 
+from prompt_toolkit.application import run_in_terminal
 from prompt_toolkit.filters import Condition, is_searching
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 
 log = logging.getLogger("sdrepl.repl")
+
+
+#: Ctrl-C on an empty line: what a user pressing it to leave (as in a shell's REPL) needs to know.
+LEAVE_HINT = "(Ctrl-D or !quit to leave; the daemon keeps running)"
 
 
 class AbandonBlock(Exception):
@@ -36,8 +41,11 @@ def make_key_bindings(in_block: Callable[[], bool] = lambda: False) -> KeyBindin
         buffer = event.current_buffer
         if buffer.text:
             buffer.reset()
+            buffer.on_text_changed.fire()  # reset() is silent: the toolbar must learn the line is gone
         elif in_block():
             event.app.exit(exception=AbandonBlock())
+        else:
+            run_in_terminal(lambda: print(LEAVE_HINT))
 
     @bindings.add("c-d", filter=buffer_empty & ~is_searching)
     def _leave(event: KeyPressEvent) -> None:

@@ -20,6 +20,7 @@ bad prompt) and a :class:`UsageError` in meta-commands.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ def unquote(value: str) -> str:
 
 
 def unescape(text: str) -> str:
-    return text.replace("\\--", "--")
+    return re.sub(r"\\(--|-(?=[A-Za-z]))", r"\1", text)
 
 
 def escape(text: str) -> str:
@@ -89,7 +90,9 @@ def split_options(
         raw = text[match.end():end]
         name, glued = _name_and_glued_value(token, raw, by_name)
         if name not in by_name:
-            raise UsageError(f"unknown option {name} in {where}; valid options: {_valid(options)}")
+            close = difflib.get_close_matches(name, [n for n in by_name if n.startswith("--")], n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UsageError(f"unknown option {name} in {where}{hint}; valid options: {_valid(options)}")
         option = by_name[name]
         value = unescape(unquote(glued if glued is not None else raw))
         if option.convert is None:
@@ -246,8 +249,29 @@ class GenerationLine:
     clip_skip: int | None = None
 
 
+#: InvokeAI's short switches that sdrepl does not support: an error naming the switch, never prompt text.
+UNSUPPORTED_SWITCHES = {
+    "I": "an init image (img2img)", "f": "the img2img strength", "M": "an init mask", "F": "fit to the init image",
+    "U": "upscaling", "G": "face restoration", "v": "variation amount", "V": "variations",
+    "x": "skip normalizing variations", "g": "a grid of the pictures", "i": "individual pictures",
+    "t": "tokenization logs (use !tokens)", "T": "fit", "E": "embiggen", "k": "embiggen tiles",
+}
+_SWITCH = re.compile(r"(?:(?<=\s)|^)-([A-Za-z])(?=[\s\d.]|$)")
+
+
+def check_switches(text: str) -> None:
+    """Refuse InvokeAI switches sdrepl does not have (``-I init.png``), naming the switch and the way out."""
+    for match in _SWITCH.finditer(text):
+        letter = match.group(1)
+        if letter in UNSUPPORTED_SWITCHES:
+            raise UsageError(f"-{letter} (InvokeAI's {UNSUPPORTED_SWITCHES[letter]}) is not supported by sdrepl; "
+                             f"remove it, or write \\-{letter} to keep it as prompt text. Options: "
+                             f"{generation_help()}")
+
+
 def parse_generation(text: str) -> GenerationLine:
     """Parse ``PROMPT [--neg TEXT] [--steps N] ...``; raise UsageError/PromptError/SamplerError."""
+    check_switches(text)
     head, values = split_options(text, GENERATION_OPTIONS, where="generation line", short=True,
                                  value_error=PromptError)
     if len(head) >= 2 and head[0] == head[-1] and head[0] in "\"'" and head[0] not in head[1:-1]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,12 @@ from sdrepl.repl.lines import QUOTES, LogicalLine, logical_text
 from sdrepl.repl.parse import parse_generation
 
 log = logging.getLogger("sdrepl.repl")
+
+#: What users of Ollama, InvokeAI and shells type alone to leave or ask for help: never a 20-step picture.
+HABITS = {"/bye": "!quit", "exit": "!quit", "quit": "!quit", "/exit": "!quit", "/quit": "!quit", ":q": "!quit",
+          "/help": "!help", "/?": "!help", "?": "!help", "help": "!help"}
+#: InvokeAI's ``!NN``: history entry NN (as ``!history`` numbers it) back into the edit buffer.
+RECALL = re.compile(r"!\d+")
 
 
 @dataclass
@@ -132,8 +139,12 @@ class Session:
     async def _run(self, text: str, started: Callable[[int], None] | None) -> LineResult:
         self.seen.append(text)
         kind = "generate"
+        text = HABITS.get(text.strip().lower(), text)
         try:
-            if text.startswith("!"):
+            if RECALL.fullmatch(text):
+                kind = "recall"
+                outcome = actions.recall(self, int(text[1:]))
+            elif text.startswith("!"):
                 name, args = split_command(text)
                 kind = "command"
                 command = find_command(name)

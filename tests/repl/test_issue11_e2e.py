@@ -1,0 +1,107 @@
+"""The REPL as people really use it (issue 11), in a real pseudo-terminal (pexpect) against a real daemon.
+
+One daemon on ``tiny`` for the module; each test starts its own REPL and does one thing a user does:
+type ``/bye`` out of habit, paste an A1111 parameters block, type while a picture is being made, kill
+the daemon under an open REPL and carry on, try an embedding while it trains.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from daemon_testing import make_daemon, short_dir
+
+pexpect = pytest.importorskip("pexpect")
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+PROMPT = "sd> "
+
+
+def clean_env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDREPL_")}
+    env.update(XDG_STATE_HOME=str(tmp / "state"), XDG_DATA_HOME=str(tmp / "data"),
+               SDREPL_HISTORY=str(tmp / "history"), TOKENIZERS_PARALLELISM="false", TERM="xterm",
+               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def daemon(fixtures_dir):
+    tmp = short_dir("sdrepl-i11-")
+    proc = make_daemon(tmp)
+    shutil.copy(fixtures_dir / "a1111" / "bad-hands-5.pt", proc.embeddings / "bad-hands-5.pt")
+    proc.env = clean_env(tmp)
+    try:
+        proc.start(cwd=tmp)
+        yield SimpleNamespace(proc=proc, socket=proc.socket, embeddings=proc.embeddings, outputs=proc.outputs,
+                              env=proc.env, args=proc.settings.daemon_args(), tmp=tmp)
+    finally:
+        proc.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def spawn(daemon, *extra: str):
+    child = pexpect.spawn(sys.executable, ["-m", "sdrepl", *daemon.args, *extra], env=daemon.env,
+                          cwd=str(daemon.tmp), dimensions=(40, 160), encoding="utf-8", timeout=60,
+                          codec_errors="replace")
+    child.logfile_read = open(daemon.tmp / "repl-screen.log", "a")  # noqa: SIM115 - for post-mortems
+    child.expect("sdrepl · model tiny")
+    child.expect_exact(PROMPT)
+    return child
+
+
+@pytest.fixture
+def repl(daemon):
+    child = spawn(daemon)
+    try:
+        yield child
+    finally:
+        if child.isalive():
+            child.sendcontrol("d")
+            try:
+                child.expect(pexpect.EOF, timeout=10)
+            except pexpect.TIMEOUT:
+                child.terminate(force=True)
+        child.logfile_read.close()
+
+
+def pictures(daemon) -> set[Path]:
+    return set(daemon.outputs.rglob("*.png"))
+
+
+# -- item 3: habits ---------------------------------------------------------------------------------
+
+def test_habits_hint_refuse_and_bye_leaves(repl, daemon):
+    before = pictures(daemon)
+    repl.sendcontrol("c")  # on an empty line: how to leave
+    repl.expect_exact("Ctrl-D or !quit to leave")
+    repl.send("a cat -I init.png --steps 2\r")
+    repl.expect_exact("-I (InvokeAI's an init image (img2img)) is not supported")
+    repl.expect_exact(PROMPT)
+    repl.send("a cat --stpes 2\r")
+    repl.expect_exact("(did you mean --steps?)")
+    repl.expect_exact(PROMPT)
+    repl.send('"""\r')
+    repl.send("a tall tree\r")
+    repl.send('""" --steps 2 --size 64x64\r')
+    repl.expect(r"\.png\s+\(seed \d+", timeout=120)
+    repl.expect_exact(PROMPT)
+    repl.send("!history tall\r")  # the block is one entry
+    repl.expect(r"(\d+)  \"\"\" ⏎ a tall tree ⏎ \"\"\" --steps 2 --size 64x64")
+    number = repl.match.group(1)
+    repl.expect_exact(PROMPT)
+    repl.send(f"!{number}\r")  # !NN puts it back into the buffer
+    repl.expect_exact(PROMPT)
+    repl.expect_exact("a tall tree")
+    repl.sendcontrol("c")
+    repl.send("/bye\r")
+    repl.expect(pexpect.EOF, timeout=20)
+    repl.close()
+    assert repl.exitstatus == 0
+    assert len(pictures(daemon) - before) == 1  # only the block made a picture
