@@ -231,6 +231,43 @@ async def run_quit(session: Session, _: None, started: Started) -> Outcome:
 
 # -- fetch and replay ---------------------------------------------------------------------------------
 
+#: A1111 fields that describe a picture without changing how it is made again here (informational).
+INFORMATIONAL_FIELDS = frozenset({"Model hash", "Model", "TI hashes", "Version", "Lora hashes", "Emphasis",
+                                  "VAE hash", "VAE", "Hashes", "Schedule type"})
+
+
+def schedule_sampler(p: dict[str, Any]) -> str | None:
+    """The sampler with A1111 1.9's separate ``Schedule type`` folded in (``DPM++ 2M`` + ``Karras``)."""
+    sampler = p.get("sampler")
+    schedule = str((p.get("extra") or {}).get("Schedule type") or "")
+    if sampler and schedule and schedule.lower() not in ("automatic", "normal", "uniform"):
+        try:
+            return to_sampler(f"{sampler} {schedule}")
+        except SdreplError:
+            return sampler
+    return sampler
+
+
+def unsupported_fields(p: dict[str, Any]) -> list[str]:
+    """The fields of a parameters text sdrepl cannot honour (Hires, Denoising, ADetailer...), by name.
+
+    ``!fetch`` and a pasted parameters block name them in a notice: a setting is never dropped silently.
+    """
+    extra = p.get("extra") or {}
+    names = [key for key in extra if key not in INFORMATIONAL_FIELDS]
+    schedule = str(extra.get("Schedule type") or "")
+    if schedule and schedule.lower() not in ("automatic", "normal", "uniform") and \
+            schedule_sampler(p) == p.get("sampler"):
+        names.append("Schedule type")
+    return names
+
+
+def unsupported_notice(names: list[str]) -> str:
+    """One line naming them (keys match ``core.pnginfo``'s ``\\w[\\w -/]+``: no escapes to fear; capped)."""
+    shown = ", ".join(n[:40] for n in names[:20])
+    return f"note: not supported by sdrepl, left out: {shown}"
+
+
 def fetch_line(p: dict[str, Any]) -> str:
     """The generation line that remakes a picture, from ``core.pnginfo.parse_parameters`` output.
 
@@ -244,11 +281,12 @@ def fetch_line(p: dict[str, Any]) -> str:
             options.append(f"--{key} {value:g}" if isinstance(value, float) else f"--{key} {value}")
     if p.get("width") and p.get("height"):
         options.append(f"--size {p['width']}x{p['height']}")
-    if p.get("sampler"):
+    sampler = schedule_sampler(p)
+    if sampler:
         try:
-            options.append(f"--sampler {to_sampler(p['sampler'])}")
+            options.append(f"--sampler {to_sampler(sampler)}")
         except SdreplError:
-            options.append(f"--sampler {p['sampler']}")  # kept: running the line will say what is wrong
+            options.append(f"--sampler {sampler}")  # kept: running the line will say what is wrong
     if p.get("clip_skip") not in (None, 1):
         options.append(f"--clip-skip {p['clip_skip']}")
     prompt = escape(p.get("prompt") or "")
@@ -265,8 +303,11 @@ async def run_fetch(session: Session, path: str, started: Started) -> Outcome:
     if not text:
         raise PngInfoError(f"{file}: no generation parameters in this picture (no A1111 'parameters' text); "
                            "only pictures made by sdrepl or AUTOMATIC1111 can be fetched")
-    line = fetch_line(parse_parameters(text))
-    return Outcome({"command": line}, line, edit_buffer=line)
+    parsed = parse_parameters(text)
+    line = fetch_line(parsed)
+    unsupported = unsupported_fields(parsed)
+    shown = "\n".join([line, unsupported_notice(unsupported)]) if unsupported else line
+    return Outcome({"command": line, "unsupported": unsupported}, shown, edit_buffer=line)
 
 
 async def run_replay(session: Session, path: str, started: Started) -> Outcome:

@@ -18,6 +18,9 @@ from collections.abc import Callable, Iterator
 from prompt_toolkit.application import run_in_terminal
 from prompt_toolkit.filters import Condition, is_searching
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from prompt_toolkit.keys import Keys
+
+from sdrepl.repl.paste import paste_entry
 
 log = logging.getLogger("sdrepl.repl")
 
@@ -46,6 +49,15 @@ def make_key_bindings(in_block: Callable[[], bool] = lambda: False) -> KeyBindin
             event.app.exit(exception=AbandonBlock())
         else:
             run_in_terminal(lambda: print(LEAVE_HINT))
+
+    @bindings.add(Keys.BracketedPaste)
+    def _paste(event: KeyPressEvent) -> None:
+        """A paste is one entry: an A1111 parameters block becomes one generation line (see paste.py)."""
+        pasted = paste_entry(event.data)
+        event.current_buffer.insert_text(pasted.text)
+        if pasted.notice:
+            notice = pasted.notice
+            run_in_terminal(lambda: print(notice))
 
     @bindings.add("c-d", filter=buffer_empty & ~is_searching)
     def _leave(event: KeyPressEvent) -> None:

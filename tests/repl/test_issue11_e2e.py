@@ -105,3 +105,27 @@ def test_habits_hint_refuse_and_bye_leaves(repl, daemon):
     repl.close()
     assert repl.exitstatus == 0
     assert len(pictures(daemon) - before) == 1  # only the block made a picture
+
+
+# -- item 2: paste an A1111 block -------------------------------------------------------------------
+
+A1111_BLOCK = ("a red fox in the snow\r\nNegative prompt: blurry\r\nSteps: 2, Sampler: Euler, CFG scale: 6.5, "
+               "Seed: 4242, Size: 64x64, Model hash: 6ce0161689, Model: v1-5, Denoising strength: 0.45, "
+               "Hires upscale: 2, ADetailer model: face_yolov8n.pt")
+
+
+def test_a_pasted_a1111_block_is_one_generation_with_its_settings(repl, daemon):
+    before = pictures(daemon)
+    repl.send("\x1b[200~" + A1111_BLOCK + "\x1b[201~")  # a bracketed paste, as the terminal sends it
+    repl.expect_exact("left out: Denoising strength, Hires upscale, ADetailer model")
+    repl.expect_exact("--sampler Euler")  # the line is in the buffer, to edit before Enter
+    repl.send("\r")
+    repl.expect(r"\.png\s+\(seed 4242,", timeout=120)
+    repl.expect_exact(PROMPT)
+    made = pictures(daemon) - before
+    assert len(made) == 1
+    from sdrepl.core.pnginfo import parse_parameters, read_png_parameters
+
+    params = parse_parameters(read_png_parameters(made.pop()))
+    assert (params["prompt"], params["negative"], params["steps"], params["cfg"], params["seed"]) == (
+        "a red fox in the snow", "blurry", 2, 6.5, 4242)

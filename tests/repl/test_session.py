@@ -234,7 +234,7 @@ def test_fetch_rebuilds_the_generation_line(fake, tmp_path):
     result = execute(Session(fake, cwd=tmp_path), "!fetch a.png")
     line = ("a portrait of <cat-toy> \\--not-an-option --neg EasyNegative, blurry --steps 25 --cfg 6.5 --seed 99 "
             "--size 512x768 --sampler DPM++ 2M Karras --clip-skip 2")
-    assert result.result == {"command": line} and result.edit_buffer == line and result.text == line
+    assert result.result == {"command": line, "unsupported": []} and result.edit_buffer == line and result.text == line
     execute(Session(fake), line)
     sent = fake.calls[-1][1]
     assert (sent["prompt"], sent["negative"], sent["seed"], sent["width"]) == (
