@@ -57,18 +57,6 @@ def _normalise(name: str) -> str:
     return text.replace("\\", "/").strip("/").lower()
 
 
-def _subsequence_span(query: str, name: str) -> int | None:
-    """Length of the shortest-start greedy window of ``name`` containing ``query`` in order, or None."""
-    pos, start = 0, None
-    for char in query:
-        pos = name.find(char, pos)
-        if pos < 0:
-            return None
-        start = pos if start is None else start
-        pos += 1
-    return pos - (start or 0)
-
-
 class EmbeddingLibrary:
     """The embeddings under ``folders`` that fit a model with ``encoder_widths`` (see module docstring)."""
 
@@ -185,26 +173,6 @@ class EmbeddingLibrary:
         """Close names for an unknown ``name`` (for "did you mean" in errors)."""
         names = {n.lower(): n for n in self.triggers()}
         return [names[m] for m in difflib.get_close_matches(_normalise(name), list(names), n=limit, cutoff=0.6)]
-
-    def search(self, text: str, limit: int = 50) -> list[Embedding]:
-        """Completion: prefix matches first, then substring matches, then subsequence (fuzzy) matches."""
-        state = self._snapshot()
-        query = _normalise(text)
-        ranked: list[tuple[tuple, Embedding]] = []
-        for emb in state.loaded:
-            name = state.reach[emb.path].lower()
-            if name.startswith(query):
-                rank: tuple = (0, 0, name)
-            elif query in name:
-                rank = (1, name.index(query), name)
-            else:
-                span = _subsequence_span(query, name)
-                if span is None:
-                    continue
-                rank = (2, span, name)
-            ranked.append((rank, emb))
-        ranked.sort(key=lambda item: item[0])
-        return [emb for _, emb in ranked[:limit]]
 
     def embeddings(self) -> list[Embedding]:
         """Every loaded embedding (collision losers included), sorted by trigger, case-insensitively."""

@@ -22,6 +22,7 @@ from sdrepl.core.errors import SdreplError
 from sdrepl.daemon import protocol
 
 log = logging.getLogger(__name__)
+READ_CHUNK = 1 << 18
 
 
 class RemoteError(SdreplError):
@@ -150,21 +151,24 @@ class DaemonClient:
 
     async def _read_loop(self) -> None:
         why = "the connection was closed"
+        framer = protocol.LineFramer()
         try:
             while True:
-                try:
-                    line = await self._reader.readline()
-                except (asyncio.LimitOverrunError, ValueError):
-                    why = "a message longer than the protocol limit"
+                chunk = await self._reader.read(READ_CHUNK)
+                if not chunk:
                     break
-                if not line:
-                    break
-                try:
-                    message = protocol.decode(line)
-                except protocol.BadRequest:
-                    log.warning("ignoring a line from the daemon that is not a JSON object: %.200r", line)
-                    continue
-                self._dispatch(message)
+                for line in framer.feed(chunk):
+                    if line is None:
+                        log.warning("ignoring a message from the daemon longer than the protocol limit")
+                        continue
+                    if not line.strip():
+                        continue
+                    try:
+                        message = protocol.decode(line)
+                    except protocol.BadRequest:
+                        log.warning("ignoring a line from the daemon that is not a JSON object: %.200r", line)
+                        continue
+                    self._dispatch(message)
         except (ConnectionError, OSError) as exc:
             why = str(exc) or type(exc).__name__
         finally:
@@ -211,9 +215,10 @@ def request_sync(socket: Path, type: str, timeout: float = 10.0, **params: Any) 
         hello = protocol.request(0, "hello", protocol=protocol.PROTOCOL_VERSION, client=f"sync-{os.getpid()}",
                                  events=False)
         sock.sendall(protocol.encode(hello) + protocol.encode(protocol.request(1, type, **params)))
-        buffer = b""
+        framer = protocol.LineFramer()
+        lines: list[bytes | None] = []
         while True:
-            while b"\n" not in buffer:
+            while not lines:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise DaemonUnavailable(f"the daemon on {socket} did not answer {type!r} within {timeout:g} s")
@@ -227,8 +232,10 @@ def request_sync(socket: Path, type: str, timeout: float = 10.0, **params: Any) 
                     raise DaemonUnavailable(f"daemon went away ({exc})") from exc
                 if not chunk:
                     raise DaemonUnavailable(f"daemon went away before answering {type!r}")
-                buffer += chunk
-            line, buffer = buffer.split(b"\n", 1)
+                lines = framer.feed(chunk)
+            line = lines.pop(0)
+            if line is None or not line.strip():
+                continue
             message = protocol.decode(line)
             if not protocol.is_reply(message):
                 continue

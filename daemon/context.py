@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdrepl.config import Settings
 from sdrepl.core.models import LoadedModel
+from sdrepl.daemon import protocol
 from sdrepl.daemon.worker import DeviceWorker
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ class DaemonContext:
     def broadcast(self, event: str, **fields: Any) -> None:
         """Send ``event`` to every connection that subscribed to events (thread-safe)."""
         if self._broadcast is not None:
-            self._on_loop(self._broadcast, {"type": "event", "event": event, **fields})
+            self._on_loop(self._broadcast, protocol.event(event, **fields))
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on the event loop (thread-safe)."""

@@ -21,7 +21,7 @@ from sdrepl.core.limits import int_range
 from sdrepl.core.prompt import PromptOptions
 from sdrepl.daemon.context import DaemonContext
 from sdrepl.daemon.params import Params
-from sdrepl.daemon.protocol import PROTOCOL_VERSION, BadRequest, ProtocolMismatch, valid_id
+from sdrepl.daemon.protocol import OLDEST_PROTOCOL, PROTOCOL_VERSION, BadRequest, ProtocolMismatch, valid_id
 from sdrepl.daemon.registry import Request, handler
 
 
@@ -110,10 +110,10 @@ async def hello(ctx: DaemonContext, params: dict, req: Request) -> dict:
     client = p.text("client", "")
     events = p.flag("events", True)
     p.finish()
-    if protocol != PROTOCOL_VERSION:
+    if not OLDEST_PROTOCOL <= protocol <= PROTOCOL_VERSION:
         raise ProtocolMismatch(
             f"the client speaks protocol {protocol} but this daemon (sdrepl {__version__}, pid {os.getpid()}) "
-            f"speaks {PROTOCOL_VERSION}; restart the daemon with the same sdrepl as the client (`sdrepl stop`)")
+            f"speaks {OLDEST_PROTOCOL} to {PROTOCOL_VERSION}; restart the daemon with the same sdrepl as the client (`sdrepl stop`)")
     conn = req.connection
     conn.client = client or "?"  # type: ignore[attr-defined]
     conn.subscribed = events  # type: ignore[attr-defined]
@@ -158,7 +158,7 @@ async def embeddings(ctx: DaemonContext, params: dict, req: Request) -> dict:
 @handler("show")
 async def show(ctx: DaemonContext, params: dict, req: Request) -> dict:
     p = Params(params, "show")
-    name = p.text("name")
+    name = p.text("name", file_name=True)
     p.finish()
     emb = find_embedding(ctx, name, "show")
     norms: dict[str, list[float]] = {key: [round(float(v), 6) for v in t.float().norm(dim=1)]
@@ -187,7 +187,7 @@ async def convert(ctx: DaemonContext, params: dict, req: Request) -> dict:
     from sdrepl.core.convert import TARGETS, convert_embedding
 
     p = Params(params, "convert")
-    name = p.text("name")
+    name = p.text("name", file_name=True)
     to = p.text("to", choices=TARGETS)
     overwrite = p.flag("overwrite", False)
     p.finish()

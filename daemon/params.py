@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from sdrepl.daemon import protocol
 from sdrepl.daemon.protocol import BadRequest
 
 _MISSING = object()
@@ -50,12 +51,20 @@ class Params:
         """The value as sent (for parameters a handler checks itself)."""
         return self._get(name, default)
 
-    def text(self, name: str, default: Any = _MISSING, *, choices: Sequence[str] | None = None) -> str:
+    def text(self, name: str, default: Any = _MISSING, *, choices: Sequence[str] | None = None,
+             file_name: bool = False) -> str:
+        """A string. It must be Unicode text, except that ``file_name`` (a parameter naming an embedding or
+        a file) may carry a file name's non-UTF-8 bytes as ``\\udcXX`` escapes, as replies do."""
         value = self._get(name, default)
         if value is default and default is not _MISSING:
             return value
         if not isinstance(value, str):
             raise self._fail(name, value, "a string")
+        at = protocol.lone_surrogate(value)
+        if at is not None and not (file_name and all(0xDC80 <= ord(ch) <= 0xDCFF for ch in value
+                                                     if 0xD800 <= ord(ch) <= 0xDFFF)):
+            raise BadRequest(f"{self._type}: parameter {name!r} holds a lone surrogate ({value[at]!a} at "
+                             f"character {at}), which is not Unicode text; send UTF-8 text")
         if choices is not None and value not in choices:
             raise self._fail(name, value, "one of " + ", ".join(choices))
         return value

@@ -48,15 +48,12 @@ HandlerFn = Callable[["DaemonContext", dict, Request], Awaitable[dict]]
 @dataclass(frozen=True)
 class HandlerSpec:
     fn: HandlerFn
-    #: Kept for handlers written against an earlier draft: the daemon listens only once it is ready
-    #: (model loaded, library scanned), so every request is served by a ready daemon either way.
-    needs_ready: bool = True
 
 
 HANDLERS: dict[str, HandlerSpec] = {}
 
 
-def handler(type_name: str, *, needs_ready: bool = True) -> Callable[[HandlerFn], HandlerFn]:
+def handler(type_name: str) -> Callable[[HandlerFn], HandlerFn]:
     """Register ``async def fn(ctx, params, req) -> dict`` for requests of ``type_name``.
 
     Registering a type twice is a programming error (two modules claiming one request) and raises.
@@ -69,7 +66,7 @@ def handler(type_name: str, *, needs_ready: bool = True) -> Callable[[HandlerFn]
         if existing is not None and not same:
             raise RuntimeError(f"request type {type_name!r} is registered twice: {existing.fn.__module__} "
                                f"and {fn.__module__}")
-        HANDLERS[type_name] = HandlerSpec(fn, needs_ready)
+        HANDLERS[type_name] = HandlerSpec(fn)
         return fn
 
     return register

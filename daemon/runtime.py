@@ -29,6 +29,7 @@ from typing import Any
 from sdrepl import __version__
 from sdrepl.config import Settings
 from sdrepl.core.errors import SdreplError
+from sdrepl.daemon import protocol
 from sdrepl.daemon.protocol import PROTOCOL_VERSION
 
 log = logging.getLogger("sdrepl.daemon")
@@ -261,7 +262,7 @@ def _install_signals(loop: asyncio.AbstractEventLoop, server: Any, settings: Set
 async def _shutdown(ctx: Any, server: Any, watcher: Any) -> None:
     server.stop_accepting()
     ctx.worker.close()  # queued work replies Cancelled now; only what is running may finish
-    server.broadcast({"type": "event", "event": "shutdown", "reason": server.shutdown_reason})
+    server.broadcast(protocol.event("shutdown", reason=server.shutdown_reason))
     job = ctx.training
     hook = getattr(job, "shutdown", None) if job is not None else None
     if callable(hook):

@@ -4,6 +4,12 @@ Every request becomes its own task, so replies come in any order and a slow gene
 ``tokens`` or ``cancel`` on the same connection. Every request gets exactly one reply: the handler's
 result, its :class:`SdreplError` as an error reply, or ``InternalError`` (traceback to the log, never to
 the client). A bad line gets an error reply and the connection stays open.
+
+What waits to be written to one client is bounded (a client that sends but never reads must not grow the
+daemon without limit): above :data:`PAUSE_READING` bytes the daemon reads no more of that client's lines
+until it catches up, above :data:`EVENT_BACKLOG_LIMIT` its events are dropped, and a client that still has
+more than :data:`OUTPUT_LIMIT` bytes unread when a reply is due is disconnected (logged, documented in
+docs/protocol.md): memory stays within the limit plus one message per connection.
 """
 
 from __future__ import annotations
@@ -11,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -25,26 +30,22 @@ from sdrepl.daemon.registry import Request, known_types, lookup
 
 log = logging.getLogger(__name__)
 
-#: Modules whose ``@handler`` registrations make up the protocol; optional ones may not exist yet.
-HANDLER_MODULES = ("sdrepl.daemon.handlers", "sdrepl.daemon.generation")
-OPTIONAL_HANDLER_MODULES = ("sdrepl.daemon.training_handlers",)
+#: Modules whose ``@handler`` registrations make up the protocol.
+HANDLER_MODULES = ("sdrepl.daemon.handlers", "sdrepl.daemon.generation", "sdrepl.daemon.training_handlers")
+#: Above this many bytes waiting to be written to one client, the daemon reads no more of its lines.
+PAUSE_READING = 4 * 1024 * 1024
 #: Above this many bytes waiting to be written to one client, its events are dropped (replies never are).
-EVENT_BACKLOG_LIMIT = 32 * 1024 * 1024
+EVENT_BACKLOG_LIMIT = 8 * 1024 * 1024
+#: A client with more than this many bytes unread when a reply is due is disconnected ("slow reader").
+OUTPUT_LIMIT = 32 * 1024 * 1024
 READ_CHUNK = 1 << 18
 
 
 def load_handlers() -> None:
-    """Import the handler modules so their ``@handler`` decorators register (optional ones if present)."""
+    """Import the handler modules so their ``@handler`` decorators register (an import error is a bug: it
+    surfaces at start-up instead of turning requests into ``UnknownRequest``)."""
     for name in HANDLER_MODULES:
         importlib.import_module(name)
-    for name in OPTIONAL_HANDLER_MODULES:
-        if importlib.util.find_spec(name) is None:
-            log.info("%s is not installed; its requests are unknown", name)
-            continue
-        try:
-            importlib.import_module(name)
-        except Exception:  # a broken optional module must not take generation down with it
-            log.exception("cannot import %s; its requests are unknown", name)
 
 
 class Connection:
@@ -72,10 +73,14 @@ class Connection:
         if self.closed or self.writer.is_closing():
             return
         transport = self.writer.transport
-        if is_event and transport.get_write_buffer_size() > EVENT_BACKLOG_LIMIT:
+        waiting = transport.get_write_buffer_size()
+        if is_event and waiting > EVENT_BACKLOG_LIMIT:
             self._dropped_events += 1
             if self._dropped_events == 1:
                 log.warning("client %s is not reading; dropping its events", self.label)
+            return
+        if not is_event and waiting > OUTPUT_LIMIT:
+            self.drop(f"it left {waiting} bytes of replies unread (the limit is {OUTPUT_LIMIT})")
             return
         try:
             self.writer.write(data)
@@ -86,6 +91,21 @@ class Connection:
         """An event for this connection only (thread-safe), if it subscribed to events."""
         message = protocol.event(event, **fields)
         self.ctx.call_soon(lambda: self.subscribed and self.send(message))
+
+    def drop(self, why: str) -> None:
+        """Disconnect a client that does not read, discarding what waits for it (the documented close)."""
+        log.warning("disconnecting client %s: %s", self.label, why)
+        self.closed = True
+        self.writer.transport.abort()
+
+    async def _catch_up(self) -> None:
+        """While this client has more than PAUSE_READING bytes unread, read none of its lines."""
+        transport = self.writer.transport
+        while not self.closed and transport.get_write_buffer_size() > PAUSE_READING:
+            try:
+                await asyncio.wait_for(self.writer.drain(), 1.0)
+            except TimeoutError:
+                continue
 
     @property
     def label(self) -> str:
@@ -114,31 +134,19 @@ class Connection:
 
     async def serve(self) -> None:
         """Read lines until the client goes away (lines over the limit are refused and skipped)."""
-        buffer = bytearray()
-        discarding = False
+        framer = protocol.LineFramer()
+        self.writer.transport.set_write_buffer_limits(high=PAUSE_READING)  # what drain() waits for
         try:
-            while True:
+            while not self.closed:
                 chunk = await self.reader.read(READ_CHUNK)
                 if not chunk:
                     break
-                searched = len(buffer)  # what was already in the buffer holds no newline
-                buffer += chunk
-                end = buffer.find(b"\n", searched)
-                while end >= 0:
-                    line = bytes(buffer[:end])
-                    del buffer[: end + 1]
-                    if discarding:
-                        discarding = False
-                    elif end >= protocol.MAX_LINE:
+                for line in framer.feed(chunk):
+                    if line is None:
                         self._overlong()
                     else:
                         self.on_line(line)
-                    end = buffer.find(b"\n")
-                if len(buffer) >= protocol.MAX_LINE:
-                    if not discarding:
-                        self._overlong()
-                    buffer.clear()
-                    discarding = True
+                    await self._catch_up()
         except (ConnectionError, OSError) as exc:
             log.debug("connection %s: %s", self.label, exc)
         finally:
@@ -152,6 +160,16 @@ class Connection:
                                        f"{protocol.MAX_LINE} bytes (newline included); it was skipped"))
 
     def on_line(self, line: bytes) -> None:
+        """Dispatch one line; whatever goes wrong, the line gets a reply (``InternalError`` for a bug)."""
+        try:
+            self._dispatch(line)
+        except Exception as exc:
+            log.exception("a line from client %s could not be dispatched", self.label)
+            self.send(protocol.reply_exception(None, InternalError(
+                f"internal error while reading a request ({type(exc).__name__}); the traceback is in "
+                f"{self.ctx.log_hint}")))
+
+    def _dispatch(self, line: bytes) -> None:
         if not line.strip():
             return
         try:
@@ -164,6 +182,10 @@ class Connection:
             what = "has no \"id\"" if "id" not in message else f"has an id of the wrong kind ({request_id!r})"
             self.send(protocol.reply_error(None, "BadRequest", f"a request {what}; give each request an integer "
                                            "or string id (replies carry it back)"))
+            return
+        if isinstance(request_id, str) and protocol.lone_surrogate(request_id) is not None:
+            self.send(protocol.reply_error(None, "BadRequest", f"a request id holds a lone surrogate "
+                                           f"({request_id!a}); ids are Unicode text: send UTF-8"))
             return
         type_name = message.get("type")
         if not isinstance(type_name, str) or not type_name:

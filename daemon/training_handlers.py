@@ -167,11 +167,11 @@ async def train_stop(ctx: DaemonContext, params: dict, req: Request) -> dict:
     return {"job": job.describe()}
 
 
-@handler("preprocess", needs_ready=False)
+@handler("preprocess")
 async def preprocess_request(ctx: DaemonContext, params: dict, req: Request) -> dict:
     p = Params(params, "preprocess")
-    src = p.text("src")
-    dst = p.text("dst")
+    src = p.text("src", file_name=True)
+    dst = p.text("dst", file_name=True)
     native = ctx.residency.description.get("native_size") if ctx.residency is not None else None
     size = p.integer("size", None, lo=64, hi=4096, nullable=True) or int(native or 512)
     crop = p.text("crop", "center", choices=CROPS)

@@ -1,7 +1,11 @@
 """Settings: described once as a dataclass, filled from the command line and ``SDREPL_<NAME>`` variables.
 
-Every other part receives a :class:`Settings`; nothing reads the environment on its own. The flow is
-CLI/env -> Settings -> objects (server, client, REPL), as in uvicorn.
+Every option the daemon and its clients share flows CLI/env -> Settings -> objects (server, client, REPL),
+as in uvicorn; no part reads those options from the environment on its own. Three process-level
+variables are read where they are used instead, because they are not options of a daemon and a client
+must not forward them: ``SDREPL_CACHE_DIR`` (``core/tiny.py``: where the built-in tiny models are cached),
+``SDREPL_HISTORY`` (``repl/interactive.py``: this terminal's history file) and ``SDREPL_LOG_FILE``
+(``daemon/runtime.py``: set by ``serve --detach`` for the daemon it starts, so its errors can name its log).
 """
 
 from __future__ import annotations

@@ -100,15 +100,6 @@ def test_get_unknown_and_suggestions(tmp_path: Path) -> None:
     assert lib.suggest("bad-artst", limit=1) == ["bad-artist"]
 
 
-def test_search_orders_prefix_then_substring_then_fuzzy(tmp_path: Path) -> None:
-    for seed, name in enumerate(["other", "s_t_y_l_e", "mystyle", "stylish", "Style"]):
-        put(tmp_path / f"{name}.safetensors", seed=seed)
-    lib = scanned(tmp_path)
-    assert [e.trigger for e in lib.search("sty")] == ["Style", "stylish", "mystyle", "s_t_y_l_e"]
-    assert [e.trigger for e in lib.search("<STY", limit=2)] == ["Style", "stylish"]
-    assert len(lib.search("")) == 5
-
-
 def test_embeddings_sorted_case_insensitively(tmp_path: Path) -> None:
     for seed, name in enumerate(["beta", "Alpha", "gamma"]):
         put(tmp_path / f"{name}.pt", seed=seed)
@@ -195,7 +186,7 @@ def test_symlinked_folder_is_followed(tmp_path: Path) -> None:
 def test_incompatible_width_is_skipped_with_reason(tmp_path: Path) -> None:
     shutil.copy(FIXTURES / "a1111/bad-artist.pt", tmp_path)
     lib = scanned(tmp_path, {SINGLE: 1024}, model_label="SD 2.x")
-    assert lib.embeddings() == [] and lib.search("bad") == [] and lib.get("bad-artist") is None
+    assert lib.embeddings() == [] and lib.get("bad-artist") is None
     [skip] = lib.skipped()
     assert skip.reason.startswith("768-wide embedding, model expects 1024")
     change = lib.set_encoder_widths(SD1, "SD 1.x")
@@ -256,7 +247,7 @@ def test_reads_during_updates_see_consistent_snapshots(tmp_path: Path) -> None:
             while not stop.is_set():
                 for emb in lib.embeddings():
                     assert lib.get(emb.qualified) is not None or lib.version
-                lib.search("e1")
+                lib.suggest("e1")
                 lib.triggers()
         except BaseException as exc:  # noqa: BLE001 - report anything to the main thread
             errors.append(exc)
