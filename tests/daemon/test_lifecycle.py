@@ -45,7 +45,7 @@ def test_detach_status_keep_alive_refusal_stop(short_tmp: Path) -> None:
     info = json.loads(d.settings.connection_file.read_text())
     pid = info["pid"]
     try:
-        assert info["protocol"] == 1 and info["model"] == "tiny" and _pid_alive(pid)
+        assert info["protocol"] == 2 and info["model"] == "tiny" and _pid_alive(pid)
         assert stat.S_IMODE(os.stat(d.settings.connection_file).st_mode) == 0o600
         assert stat.S_IMODE(os.stat(d.socket).st_mode) == 0o600
         assert d.settings.log_file.exists()

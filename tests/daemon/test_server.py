@@ -197,7 +197,7 @@ def test_generation_metadata_seeds_and_numbering(daemon: DaemonProcess) -> None:
 
 def test_status_reports_the_daemon(daemon: DaemonProcess) -> None:
     status = request_sync(daemon.socket, "status")
-    assert status["pid"] == daemon.proc.pid and status["state"] == "ready" and status["protocol"] == 1
+    assert status["pid"] == daemon.proc.pid and status["state"] == "ready" and status["protocol"] == 2
     assert status["model"]["model"] == "tiny" and status["model"]["encoders"] == {"text_encoder": 768}
     assert status["memory"]["rss_mb"] > 0 and status["memory"]["cuda_allocated_mb"] is None
     assert status["embeddings"]["loaded"] >= 2 and status["embeddings"]["folders"] == [str(daemon.embeddings)]
