@@ -341,7 +341,7 @@ def build_pipeline(
         tokenizer_2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
         return diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                                    tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
-                                                   scheduler=scheduler)
+                                                   scheduler=scheduler, add_watermarker=False)
     return diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                              scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                              requires_safety_checker=False)

@@ -126,14 +126,14 @@ def _takes_causal_mask(layer_type: type) -> bool:
     return "causal_attention_mask" in inspect.signature(layer_type.forward).parameters
 
 
-def _run_layers(tm: Any, hidden: torch.Tensor, count: int) -> torch.Tensor:
-    """Run the first ``count`` encoder layers exactly as the model's forward does."""
+def _run_layers(tm: Any, hidden: torch.Tensor, count: int, start: int = 0) -> torch.Tensor:
+    """Run encoder layers ``start`` to ``count - 1`` exactly as the model's forward does."""
     layers = tm.encoder.layers
     if _takes_causal_mask(type(layers[0])):  # transformers 4.x: explicit 4-D causal mask, tuple outputs
         from transformers.modeling_attn_mask_utils import _create_4d_causal_attention_mask
 
         causal = _create_4d_causal_attention_mask(hidden.shape[:2], hidden.dtype, device=hidden.device)
-        for layer in layers[:count]:
+        for layer in layers[start:count]:
             hidden = layer(hidden, None, causal)[0]
         return hidden
     from transformers.masking_utils import create_causal_mask
@@ -141,7 +141,7 @@ def _run_layers(tm: Any, hidden: torch.Tensor, count: int) -> torch.Tensor:
     mask = create_causal_mask(
         config=tm.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None
     )
-    for layer in layers[:count]:
+    for layer in layers[start:count]:
         out = layer(hidden, mask, is_causal=True)
         hidden = out[0] if isinstance(out, tuple) else out
     return hidden
@@ -171,6 +171,19 @@ def emphasis(z: torch.Tensor, weights: torch.Tensor | None, *, restore_mean: boo
     return z
 
 
+def input_hidden(tm: Any, inputs: Sequence[ChunkInput]) -> torch.Tensor:
+    """``[k, 77, D]``: the chunks' token embeddings with the splices written in, plus position embeddings
+    (the input of the first encoder layer). ``tm`` is :func:`_text_model`'s module."""
+    token_embedding = tm.embeddings.token_embedding
+    device, dtype = token_embedding.weight.device, token_embedding.weight.dtype
+    ids = torch.stack([ci.ids for ci in inputs]).to(device)
+    embeds = token_embedding(ids)
+    for row, ci in enumerate(inputs):
+        for start, vectors in ci.splices:
+            embeds[row, start : start + vectors.shape[0]] = vectors.to(device, dtype)
+    return tm.embeddings(inputs_embeds=embeds)
+
+
 def encode_chunks(
     text_encoder: Any,
     inputs: Sequence[ChunkInput],
@@ -194,14 +207,7 @@ def encode_chunks(
         raise PromptError(
             f"clip_skip {clip_skip} is out of range: this text encoder has {n_layers} layers, use 1 to {n_layers}"
         )
-    token_embedding = tm.embeddings.token_embedding
-    device, dtype = token_embedding.weight.device, token_embedding.weight.dtype
-    ids = torch.stack([ci.ids for ci in inputs]).to(device)
-    embeds = token_embedding(ids)
-    for row, ci in enumerate(inputs):
-        for start, vectors in ci.splices:
-            embeds[row, start : start + vectors.shape[0]] = vectors.to(device, dtype)
-    hidden = tm.embeddings(inputs_embeds=embeds)
+    hidden = input_hidden(tm, inputs)
     hidden = _run_layers(tm, hidden, n_layers - (clip_skip - 1))
     z = tm.final_layer_norm(hidden)
     if all(ci.weights is None for ci in inputs):
@@ -263,6 +269,10 @@ def encode_prompts(
     negative are encoded separately (batch of their own chunks), as the pipeline's ``encode_prompt`` does.
     """
     options = options or PromptOptions()
+    if getattr(model, "family", None) == "sdxl":  # two encoders and a pooled embedding: its own module
+        from sdrepl.core.conditioning_sdxl import encode_prompts_sdxl
+
+        return encode_prompts_sdxl(model, prompt, negative, lookup, options)
     with torch.no_grad():
         pos, pos_budget = _encode_one(model, prompt, lookup, options)
         neg, neg_budget = _encode_one(model, negative or "", lookup, options)

@@ -8,7 +8,7 @@ the file stem, for cards and ``learned_embeds`` files it is the name inside):
 ``--to``       written to (in the original's folder)           layout
 =============  ==============================================  =========================================
 safetensors    ``<trigger>.safetensors``                       ``emb_params`` (or clip_l/clip_g) + metadata
-pt             ``<trigger>.pt``                                A1111 ``string_to_param``
+pt             ``<trigger>.pt``                                A1111 ``string_to_param`` (SDXL: clip_l/clip_g)
 diffusers      ``<trigger>/learned_embeds.bin``                ``{"<trigger>": [N, D]}``: diffusers' own
                                                                naming; the generic stem makes the token the
                                                                trigger, so it stays ``<trigger>`` (this
@@ -54,7 +54,8 @@ def convert_embedding(emb: Embedding, to: str, *, overwrite: bool = False, outpu
     """Write ``emb`` in format ``to`` (beside the original unless ``output`` is given); return the new path.
 
     Raises EmbeddingError when the output exists (without ``overwrite``), would be the source file itself,
-    or the format cannot hold the vectors (SDXL pairs convert to safetensors only).
+    or the format cannot hold the vectors (SDXL pairs convert to safetensors and pt; diffusers' layout has
+    one vector set and is refused with the route diffusers loads a pair by).
     """
     target = Path(output) if output is not None else output_path(emb, to)
     if target.exists() and target.resolve() == emb.path.resolve():

@@ -1,6 +1,6 @@
 """Resolving ``--model`` and loading a pipeline onto a device.
 
-``--model`` takes ``tiny`` / ``tiny-sd2`` (built in, offline), a diffusers model folder, a single-file
+``--model`` takes ``tiny`` / ``tiny-sd2`` / ``tiny-sdxl`` (built in, offline), a diffusers model folder, a single-file
 checkpoint (``.safetensors`` / ``.ckpt``), or a hub id (network or a warm cache). Every failure a user
 can cause is a :class:`ModelError` naming what was given and what was expected.
 """
@@ -124,7 +124,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", config: Pat
             source = "single-file"
         elif path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin") or spec.startswith((".", "/", "~")):
             raise ModelError(
-                f"--model {spec}: no such file or folder; expected tiny, tiny-sd2, a diffusers model folder, "
+                f"--model {spec}: no such file or folder; expected tiny, tiny-sd2, tiny-sdxl, a diffusers model folder, "
                 "a .safetensors/.ckpt checkpoint, or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5"
             )
         elif _HUB_ID.match(spec):
@@ -132,7 +132,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", config: Pat
             source = "hub"
         else:
             raise ModelError(
-                f"--model {spec!r} is neither a built-in model (tiny, tiny-sd2), an existing path, nor a hub id "
+                f"--model {spec!r} is neither a built-in model (tiny, tiny-sd2, tiny-sdxl), an existing path, nor a hub id "
                 "(owner/name)"
             )
         family = family_of(pipe)
@@ -170,11 +170,13 @@ def _load_folder(folder: Path, spec: str, dtype: torch.dtype):
         raise ModelError(f"--model {spec}: {index} is not valid JSON ({exc})") from exc
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    cls = StableDiffusionXLPipeline if "XL" in class_name else StableDiffusionPipeline
+    xl = "XL" in class_name
+    cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+    extra: dict[str, Any] = {"add_watermarker": False} if xl else {"safety_checker": None,
+                                                                     "requires_safety_checker": False}
     try:
         with _torch_dtype_accepted():
-            return cls.from_pretrained(folder, local_files_only=True, safety_checker=None,
-                                       requires_safety_checker=False, torch_dtype=dtype)
+            return cls.from_pretrained(folder, local_files_only=True, torch_dtype=dtype, **extra)
     except Exception as exc:  # diffusers raises many types for a broken folder
         raise ModelError(f"--model {spec}: cannot load the diffusers folder {folder}: {_short(exc)}") from exc
 

@@ -121,7 +121,9 @@ def sample(model: Any, cond: Any, *, steps: int, cfg: float, width: int, height:
     on every device. ``on_step`` is diffusers' ``callback_on_step_end``. Returns a PIL image."""
     import torch
 
+    extra = getattr(cond, "pipeline_inputs", None)  # SDXL: pooled embeddings and time ids
     return model.pipe(
+        **(extra(width, height) if extra is not None else {}),
         prompt_embeds=cond.prompt_embeds,
         negative_prompt_embeds=cond.negative_prompt_embeds,
         num_inference_steps=steps,

@@ -2,7 +2,8 @@
 
 They exist so that demos, tests and benchmarks run anywhere with no download: the text encoder is a real
 CLIP text transformer over the real 49,408-token vocabulary (768 wide for ``tiny``, 1024 for
-``tiny-sd2``), so real SD 1.x / 2.x embeddings load into it, while the UNet and VAE are as small as the
+``tiny-sd2``; ``tiny-sdxl`` has SDXL's two, 768 and 1280 wide, see :mod:`sdrepl.core.tiny_sdxl`), so real
+SD 1.x / 2.x / SDXL embeddings load into them, while the UNet and VAE are as small as the
 diffusers classes allow. Weights come from a fixed seed, so every machine builds bit-identical models;
 the first build is saved to the user cache and later starts load it from there.
 """
@@ -33,11 +34,15 @@ class TinySpec:
     width: int
     heads: int
     pad_token: str
+    #: The cache folder's version (``<name>-v<version>``): bump one model's without rebuilding the others.
+    version: int = TINY_VERSION
 
 
 TINY_MODELS = {
     "tiny": TinySpec("tiny", "sd1", 768, 12, "<|endoftext|>"),
     "tiny-sd2": TinySpec("tiny-sd2", "sd2", 1024, 16, "!"),
+    # SDXL: ``width`` is the second (CLIP-G) encoder's, which is what single-file checkpoints are matched by.
+    "tiny-sdxl": TinySpec("tiny-sdxl", "sdxl", 1280, 20, "!", version=1),
 }
 
 #: The native picture size of the tiny models (the VAE downsamples by 8, so latents are 8x8).
@@ -69,6 +74,10 @@ def build_tiny(name: str):
     from sdrepl.core.samplers import make_scheduler
 
     spec = TINY_MODELS[name]
+    if spec.family == "sdxl":
+        from sdrepl.core.tiny_sdxl import build_tiny_sdxl
+
+        return build_tiny_sdxl()
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(SEED)
@@ -86,7 +95,7 @@ def build_tiny(name: str):
             pad_token_id=49407 if spec.family == "sd1" else 0,
         )
         text_encoder = CLIPTextModel(text_config).eval()
-        _like_trained_layer_norms(text_encoder)
+        like_trained_layer_norms(text_encoder)
         torch.manual_seed(SEED + 1)
         unet = UNet2DConditionModel(
             sample_size=TINY_SIZE // 8,
@@ -128,7 +137,7 @@ def build_tiny(name: str):
     return pipe
 
 
-def _like_trained_layer_norms(module: torch.nn.Module) -> None:
+def like_trained_layer_norms(module: torch.nn.Module) -> None:
     """Give every LayerNorm the spread a trained CLIP has (weights around 1, biases off zero).
 
     A freshly initialised LayerNorm (weight 1, bias 0) centres each position exactly, so the encoder's
@@ -153,7 +162,7 @@ def cache_root() -> Path:
 
 
 def cached_tiny_dir(name: str) -> Path:
-    return cache_root() / "models" / f"{name}-v{TINY_VERSION}"
+    return cache_root() / "models" / f"{name}-v{TINY_MODELS[name].version}"
 
 
 def ensure_tiny_folder(name: str) -> Path:

@@ -91,7 +91,7 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket", type=Path, default=Path(env("SDREPL_SOCKET")) if env("SDREPL_SOCKET") else None,
                         help="where the daemon and clients meet (default: one per user in the runtime dir)")
     parser.add_argument("--model", default=env("SDREPL_MODEL", "tiny"),
-                        help="tiny, tiny-sd2, a diffusers folder, a .safetensors/.ckpt file, or a hub id")
+                        help="tiny, tiny-sd2, tiny-sdxl, a diffusers folder, a .safetensors/.ckpt file, or a hub id")
     parser.add_argument("--embeddings", type=Path, action="append", default=None,
                         help="an embeddings folder (repeatable; default ./embeddings)")
     parser.add_argument("--outputs", type=Path, default=Path(env("SDREPL_OUTPUTS", "outputs")),

@@ -4,7 +4,8 @@
   for SDXL pairs, plus string metadata in the header (name, step, model hash, init text, vectors,
   sdrepl version). Loads in A1111, ComfyUI, kohya and diffusers.
 - ``pt``: A1111's pickle layout exactly (``string_to_token {'*': 265}``, ``string_to_param {'*': [N, D]}``,
-  ``name``, ``step``, ``sd_checkpoint``, ``sd_checkpoint_name``).
+  ``name``, ``step``, ``sd_checkpoint``, ``sd_checkpoint_name``); an SDXL pair as ``{clip_l, clip_g}`` and
+  nothing else (what A1111 and ComfyUI read from a ``.pt``).
 - ``diffusers``: ``{"<name>": [N, D]}``, as ``torch.save`` for ``.bin`` or safetensors for ``.safetensors``,
   which diffusers' ``load_textual_inversion`` accepts.
 - image cards (:func:`write_png_card`): A1111's PNG with the ``sd-ti-embedding`` text chunk *and* the pixel
@@ -139,7 +140,7 @@ def write_embedding(
 
     A path without a suffix gets the format's default one. Raises EmbeddingError when the file exists
     (and ``overwrite`` is false), the suffix does not match the format, the vectors are invalid, or the
-    format cannot hold them (``pt`` and ``diffusers`` hold single-encoder vectors only).
+    format cannot hold them (``diffusers`` holds single-encoder vectors only).
     """
     if fmt == "png":
         raise EmbeddingError(path, "use write_png_card for picture cards")
@@ -151,9 +152,17 @@ def write_embedding(
     if fmt == "safetensors":
         tensors = dict(checked) if pair else {"emb_params": checked[SINGLE]}
         data = encode_safetensors(tensors, meta)
+    elif pair and fmt == "pt":
+        # Only the two tensors: A1111 moves every value of a clip_l/clip_g dict to the device, so a
+        # metadata string beside them would break loading there (the name is the file stem anyway).
+        buffer = io.BytesIO()
+        torch.save({CLIP_L: checked[CLIP_L], CLIP_G: checked[CLIP_G]}, buffer)
+        data = buffer.getvalue()
     elif pair:
-        raise EmbeddingError(path, f"the {fmt} layout holds one vector set; save SDXL (clip_l + clip_g) embeddings "
-                             "as .safetensors")
+        raise EmbeddingError(path, "diffusers' embedding layout holds one vector set, not SDXL's two (clip_l + "
+                             "clip_g): convert to safetensors or pt instead; diffusers loads that file with two "
+                             "load_textual_inversion calls (state['clip_l'] into text_encoder/tokenizer, "
+                             "state['clip_g'] into text_encoder_2/tokenizer_2)")
     elif fmt == "pt":
         buffer = io.BytesIO()
         torch.save(a1111_dict(checked[SINGLE], name, step, checkpoint_hash, checkpoint_name), buffer)

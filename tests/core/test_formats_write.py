@@ -102,10 +102,18 @@ def test_unknown_format(tmp_path: Path) -> None:
         write_embedding(tmp_path / "x.ckpt", {SINGLE: vectors()}, "ckpt", name="x")
 
 
-@pytest.mark.parametrize("fmt", ["pt", "diffusers"])
-def test_sdxl_pair_only_as_safetensors(tmp_path: Path, fmt: str) -> None:
-    with pytest.raises(EmbeddingError, match="save SDXL"):
-        write_embedding(tmp_path / "xl", {CLIP_L: vectors(1), CLIP_G: vectors(1, 1280)}, fmt, name="xl")
+def test_an_sdxl_pair_is_refused_in_diffusers_layout_with_the_route_that_works(tmp_path: Path) -> None:
+    with pytest.raises(EmbeddingError, match="not SDXL's two .*convert to safetensors or pt.*load_textual_inversion"):
+        write_embedding(tmp_path / "xl", {CLIP_L: vectors(1), CLIP_G: vectors(1, 1280)}, "diffusers", name="xl")
+
+
+def test_an_sdxl_pair_as_pt_holds_only_the_two_tensors_and_reads_back(tmp_path: Path) -> None:
+    pair = {CLIP_L: vectors(2), CLIP_G: vectors(2, 1280)}
+    path = write_embedding(tmp_path / "xl", pair, "pt", name="xl", step=5)
+    stored = torch.load(path, weights_only=True)
+    assert set(stored) == {CLIP_L, CLIP_G}  # A1111 moves every value of a pair dict to the device
+    back = read_embedding(path)
+    assert back.format == "pt/sdxl" and all(torch.equal(back.vectors[k], pair[k]) for k in pair)
 
 
 @pytest.mark.parametrize(
