@@ -74,16 +74,17 @@ class TokenCache:
         return self.tokenizer.decode(list(ids)).strip()
 
 
-_CACHES: dict[int, TokenCache] = {}
+#: Where a tokenizer's cache lives: on the tokenizer itself, so it dies with it. A process-wide table would
+#: keep every tokenizer it ever saw alive (a keep-alive reload makes a new one each time: +20 MB a cycle).
+_CACHE_ATTR = "_sdrepl_token_cache"
 
 
 def token_cache(tokenizer: Any) -> TokenCache:
-    """The cache of ``tokenizer`` (held by identity; a handful of tokenizers live in a process)."""
-    cache = _CACHES.get(id(tokenizer))
-    if cache is None or cache.tokenizer is not tokenizer:
-        if len(_CACHES) >= 8:
-            _CACHES.clear()
-        cache = _CACHES[id(tokenizer)] = TokenCache(tokenizer)
+    """The cache of ``tokenizer`` (held by the tokenizer, so it is freed with it)."""
+    cache = getattr(tokenizer, _CACHE_ATTR, None)
+    if not isinstance(cache, TokenCache) or cache.tokenizer is not tokenizer:
+        cache = TokenCache(tokenizer)
+        setattr(tokenizer, _CACHE_ATTR, cache)
     return cache
 
 

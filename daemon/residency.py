@@ -28,9 +28,20 @@ log = logging.getLogger(__name__)
 Announce = Callable[[str, "dict[str, Any] | None", str], None]
 
 
+def _trim_heap() -> None:
+    """Ask glibc to hand freed heap pages back to the system (it keeps them for reuse otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to ask
+        pass
+
+
 def free_device_memory(device: Any) -> None:
     """Give cached allocator memory back to the system after a model is dropped."""
     gc.collect()
+    _trim_heap()
     try:
         import torch
 

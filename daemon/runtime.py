@@ -168,8 +168,12 @@ def run_daemon(settings: Settings) -> int:
         model = _load_initial_model(settings)
         if isinstance(model, int):
             return model
+        # Hand the model over in a box and drop this frame's reference: residency must own the only
+        # reference, or keep-alive's first unload frees nothing and a reload makes two models resident.
+        box = [model]
+        del model
         try:
-            return asyncio.run(_serve(settings, model))
+            return asyncio.run(_serve(settings, box))
         except OSError as exc:  # a folder that cannot be created or watched, a socket that cannot be bound
             log.debug("start-up failed", exc_info=True)
             where = f" ({exc.filename})" if exc.filename else ""
@@ -200,7 +204,8 @@ def _load_initial_model(settings: Settings) -> Any:
     return model
 
 
-async def _serve(settings: Settings, model: Any) -> int:
+async def _serve(settings: Settings, box: list[Any]) -> int:
+    """Serve until shutdown; ``box`` holds the start-up model, which is taken out (see ``run_daemon``)."""
     from sdrepl.core.library import EmbeddingLibrary
     from sdrepl.daemon.context import DaemonContext
     from sdrepl.daemon.residency import ModelResidency
@@ -208,6 +213,7 @@ async def _serve(settings: Settings, model: Any) -> int:
     from sdrepl.daemon.watcher import FolderWatcher
     from sdrepl.daemon.worker import DeviceWorker
 
+    model = box.pop()
     loop = asyncio.get_running_loop()
     holder: dict[str, DaemonContext] = {}
     worker = DeviceWorker(on_change=lambda pending, running: holder["ctx"].broadcast(
