@@ -23,6 +23,7 @@ take the current state and return fresh lists, so the daemon never sees half an 
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -43,6 +44,15 @@ from sdrepl.core.library_state import (  # noqa: F401  (check_compatible, incomp
     diff,
     incompatibility,
 )
+
+log = logging.getLogger(__name__)
+
+
+def _read_failure(path: Path, exc: Exception) -> str:
+    """The skip reason for an exception no reader should raise (a bug), logged with its traceback."""
+    log.error("reading %s failed unexpectedly", path, exc_info=exc)
+    return (f"sdrepl could not read this file because of a bug ({type(exc).__name__}); please report it with the "
+            "traceback from the daemon's log (the file may be fine in other tools)")
 
 
 def _within(path: Path, folder: Path) -> bool:
@@ -287,6 +297,8 @@ class EmbeddingLibrary:
             return Record(**base, ignored=True, sha256=sha)
         except EmbeddingError as exc:
             return Record(**base, error=exc.reason, sha256=sha)
+        except Exception as exc:  # a reader bug: the daemon stays up, the file is skipped and the bug logged
+            return Record(**base, error=_read_failure(path, exc), sha256=sha)
 
     def _commit(self, old: LibraryState, records: dict[Path, Record], dirs: dict[str, Path], walk: tuple[str, ...]):
         new = build_state(records, dirs, walk, self._widths, self._label, self.folders)

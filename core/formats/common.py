@@ -23,10 +23,6 @@ IMAGE_EXTENSIONS = frozenset({".png", ".webp"})
 #: Every extension an embedding file can have (case-insensitive).
 EXTENSIONS = PICKLE_EXTENSIONS | SAFETENSORS_EXTENSIONS | IMAGE_EXTENSIONS
 
-#: The largest file the readers open. An SDXL pair of 75 vectors is under 1 MiB; anything far larger is a
-#: model checkpoint or a LoRA dropped into the wrong folder, and unpickling it would cost seconds and GiBs.
-MAX_FILE_BYTES = 32 * 1024 * 1024
-
 #: Diffusers' training script names its output ``learned_embeds.bin`` / ``learned_embeds-steps-500.bin``:
 #: such a stem says nothing about the concept, so the trigger comes from the token inside or the folder.
 GENERIC_STEM = re.compile(r"^learned_embeds(-steps-\d+)?$", re.IGNORECASE)

@@ -19,6 +19,7 @@ import base64
 import binascii
 import io
 import json
+import struct
 import zlib
 from functools import lru_cache
 from pathlib import Path
@@ -30,13 +31,11 @@ from sdrepl.core.embedding import EmbeddingData
 from sdrepl.core.errors import EmbeddingError
 from sdrepl.core.formats.common import NotAnEmbedding, short
 from sdrepl.core.formats.layouts import recognise
+from sdrepl.core.formats.limits import EMBEDDING_LIMITS, Limits
+from sdrepl.core.formats.png_chunks import PNG_MAGIC, PngRefused, read_png_header
 
 TEXT_KEY = "sd-ti-embedding"
 TENSOR_KEY = "TORCHTENSOR"
-#: Pictures larger than this without a text chunk are photos, not cards: not decoded (silent skip).
-MAX_CARD_PIXELS = 32_000_000
-#: The decompressed JSON of a 75-vector SDXL card is a few MiB; refuse to inflate more than this.
-MAX_JSON_BYTES = 64 * 1024 * 1024
 _DEPTH = 3  # RGB
 
 
@@ -152,40 +151,83 @@ def encode_json(card: dict) -> bytes:
     return json.dumps(_to_jsonable(card)).encode("utf-8")
 
 
-def _decode_json(path: Path, raw: bytes, carrier: str) -> object:
+class _TooManyNumbers(ValueError):
+    pass
+
+
+def _decode_json(path: Path, raw: bytes, carrier: str, limits: Limits) -> object:
+    """The card's JSON with tensors, parsing at most ``limits.max_json_numbers`` numbers."""
+    if len(raw) > limits.max_json_bytes:
+        raise EmbeddingError(path, f"the {carrier} holds {len(raw):,} bytes of JSON, more than any embedding card "
+                             f"({limits.max_json_bytes:,}); it was not parsed")
+    count = 0
+
+    def number(text: str) -> float | int:
+        nonlocal count
+        count += 1
+        if count > limits.max_json_numbers:
+            raise _TooManyNumbers(f"more than {limits.max_json_numbers:,} numbers, more than any embedding holds")
+        return float(text) if any(c in text for c in ".eE") else int(text)
+
     try:
-        return json.loads(raw.decode("utf-8"), object_hook=_tensor_hook)
-    except Exception as exc:  # JSON, unicode, ragged TORCHTENSOR lists, deep nesting
+        return json.loads(raw.decode("utf-8"), object_hook=_tensor_hook, parse_float=number, parse_int=number)
+    except (ValueError, TypeError, RecursionError, OverflowError, RuntimeError) as exc:
+        # JSON and unicode errors are ValueErrors; ragged TORCHTENSOR lists raise ValueError/TypeError in torch
         raise EmbeddingError(path, f"the {carrier} does not hold valid embedding JSON ({short(exc)})") from None
 
 
 # ---------------------------------------------------------------- reading
 
 
-def read_image(path: Path, data: bytes) -> EmbeddingData:
-    """Read an image card from its text chunk or, failing that, its pixels (see module docstring)."""
+def _text_card(path: Path, data: bytes, limits: Limits) -> tuple[int, int, str | None]:
+    """(width, height, sd-ti-embedding text) of a PNG from its chunk list, nothing decoded."""
+    text_limit = limits.max_json_bytes * 4 // 3 + 4
+    try:
+        header = read_png_header(data, TEXT_KEY, text_limit)
+    except PngRefused as exc:
+        if exc.damaged:
+            raise EmbeddingError(path, f"cannot be read as a picture ({exc.reason}); the file is damaged or not a "
+                                 "PNG/WEBP") from None
+        raise EmbeddingError(path, f"{exc.reason}; it was not decoded") from None
+    return header.width, header.height, header.text
+
+
+def read_image(path: Path, data: bytes, limits: Limits = EMBEDDING_LIMITS) -> EmbeddingData:
+    """Read an image card from its text chunk or, failing that, its pixels (see module docstring).
+
+    Every size is checked before the matching work: the declared width x height before any pixel is
+    decoded, the text chunk's length and inflated size, the JSON's length and count of numbers.
+    """
     from PIL import Image
 
-    kind = path.suffix.lower().lstrip(".") or "png"
-    try:
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        text = image.text.get(TEXT_KEY) if hasattr(image, "text") else image.info.get(TEXT_KEY)
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, zlib.error, struct.error ...
-        raise EmbeddingError(path, f"cannot be read as a picture ({type(exc).__name__}: {short(exc)}); "
-                             "the file is damaged or not a PNG/WEBP") from None
+    kind = "png" if data.startswith(PNG_MAGIC) else "webp"  # by content: a .pt that is a PNG is a PNG card
+    if data.startswith(PNG_MAGIC):
+        width, height, text = _text_card(path, data, limits)
+        image = None
+    else:
+        try:
+            image = Image.open(io.BytesIO(data))  # lazy: reads the header only
+            width, height = image.size
+            text = image.info.get(TEXT_KEY)
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError) as exc:
+            raise EmbeddingError(path, f"cannot be read as a picture ({type(exc).__name__}: {short(exc)}); "
+                                 "the file is damaged or not a PNG/WEBP") from None
     if text is not None:
         try:
             raw = base64.b64decode(text, validate=False)
         except (binascii.Error, ValueError) as exc:
             raise EmbeddingError(path, f"the {TEXT_KEY} text chunk is not base64 ({short(exc)})") from None
-        obj = _decode_json(path, raw, f"{TEXT_KEY} text chunk")
+        obj = _decode_json(path, raw, f"{TEXT_KEY} text chunk", limits)
         return recognise(obj, path, f"{kind}-text", name_from_inner=True)
-    if width * height > MAX_CARD_PIXELS:
+    if width * height > limits.max_image_pixels:
         raise NotAnEmbedding(path, f"a {width}x{height} picture without an {TEXT_KEY} text chunk")
     try:
+        if image is None:
+            image = Image.open(io.BytesIO(data))
+        if image.size != (width, height):
+            raise ValueError(f"Pillow reads {image.size[0]}x{image.size[1]}, the header says {width}x{height}")
         rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except Exception as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError) as exc:
         raise EmbeddingError(path, f"cannot decode the picture's pixels ({type(exc).__name__}: {short(exc)}); "
                              "the file is damaged") from None
     payload = extract_payload(rgb)
@@ -193,14 +235,17 @@ def read_image(path: Path, data: bytes) -> EmbeddingData:
         raise NotAnEmbedding(path, "a picture that carries no embedding (a preview or ordinary picture)")
     inflater = zlib.decompressobj()
     try:
-        raw = inflater.decompress(payload, MAX_JSON_BYTES)
+        raw = inflater.decompress(payload, limits.max_json_bytes + 1)
     except zlib.error as exc:
         raise EmbeddingError(path, f"the picture's embedded data does not decompress ({short(exc)}); the picture "
                              "was probably re-encoded lossily (JPEG, lossy WEBP) or edited") from None
+    if len(raw) > limits.max_json_bytes:
+        raise EmbeddingError(path, f"the picture's embedded data inflates to more than {limits.max_json_bytes:,} "
+                             "bytes, more than any embedding card holds; it was not parsed")
     if inflater.unconsumed_tail or not inflater.eof:
-        raise EmbeddingError(path, "the picture's embedded data is incomplete or too large; the picture was "
-                             "probably cropped, resized or re-encoded")
-    obj = _decode_json(path, raw, "pixel data")
+        raise EmbeddingError(path, "the picture's embedded data is incomplete; the picture was probably cropped, "
+                             "resized or re-encoded")
+    obj = _decode_json(path, raw, "pixel data", limits)
     return recognise(obj, path, f"{kind}-pixels", name_from_inner=True)
 
 

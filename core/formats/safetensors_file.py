@@ -21,6 +21,7 @@ from sdrepl.core.embedding import EmbeddingData
 from sdrepl.core.errors import EmbeddingError
 from sdrepl.core.formats.common import short
 from sdrepl.core.formats.layouts import recognise
+from sdrepl.core.formats.limits import EMBEDDING_LIMITS, Limits
 
 #: Byte size per element of the dtypes safetensors knows (bool and 8-bit types included).
 _DTYPE_BYTES = {
@@ -38,8 +39,21 @@ def looks_like_safetensors(data: bytes) -> bool:
     return 2 <= length <= len(data) - 8 and data[8:9] == b"{"
 
 
-def parse_header(path: Path, data: bytes) -> tuple[dict[str, dict], dict[str, str]]:
-    """Validate the header against the file size; return (tensor entries, string metadata)."""
+def parse_header(path: Path, data: bytes, limits: Limits | None = EMBEDDING_LIMITS, *,
+                 error: type[EmbeddingError] = EmbeddingError) -> tuple[dict[str, dict], dict[str, str]]:
+    """Validate the header against the file size and ``limits``; return (tensor entries, string metadata).
+
+    Raises ``error(path, reason)``. ``limits=None`` checks the structure only (see :func:`check_limits`).
+    """
+    try:
+        return _parse_header(path, data, limits)
+    except EmbeddingError as exc:
+        if error is EmbeddingError:
+            raise
+        raise error(path, exc.reason) from None
+
+
+def _parse_header(path: Path, data: bytes, limits: Limits | None) -> tuple[dict[str, dict], dict[str, str]]:
     if len(data) < 8:
         raise EmbeddingError(path, f"truncated safetensors file ({len(data)} bytes; the header alone needs 8+)")
     (length,) = struct.unpack("<Q", data[:8])
@@ -61,7 +75,29 @@ def parse_header(path: Path, data: bytes) -> tuple[dict[str, dict], dict[str, st
     body = len(data) - 8 - length
     for name, entry in header.items():
         _check_entry(path, name, entry, body)
+    if limits is not None:
+        check_limits(path, header, limits)
     return header, meta
+
+
+def check_limits(path: Path, header: Mapping[str, dict], limits: Limits) -> None:
+    """Tensor count, per-tensor and total values of a parsed header within ``limits`` (EmbeddingError)."""
+    article = "an" if limits.kind[:1].lower() in "aeiou" else "a"
+    if len(header) > limits.max_tensors:
+        raise EmbeddingError(path, f"holds {len(header)} tensors ({_summary(header, 3)}), more than {article} "
+                             f"{limits.kind} ever has ({limits.max_tensors}): this is a model or LoRA, not "
+                             f"{article} {limits.kind}; keep it out of the {limits.kind}s folder")
+    total = 0
+    for name, entry in header.items():
+        values = math.prod(entry["shape"])
+        total += values
+        if values > limits.max_tensor_values:
+            raise EmbeddingError(path, f"safetensors tensor {name!r} [{', '.join(map(str, entry['shape']))}] holds "
+                                 f"{values:,} values, far more than any {limits.kind} holds "
+                                 f"({limits.max_tensor_values:,} values at most)")
+    if total > limits.max_total_values:
+        raise EmbeddingError(path, f"its tensors hold {total:,} values in all, far more than any {limits.kind} holds "
+                             f"({limits.max_total_values:,} values at most)")
 
 
 def _check_entry(path: Path, name: str, entry: object, body: int) -> None:
@@ -96,29 +132,35 @@ def _summary(header: Mapping[str, dict], limit: int = 6) -> str:
     return ", ".join(parts)
 
 
-def read_safetensors(path: Path, data: bytes) -> EmbeddingData:
-    """Parse the bytes of a safetensors embedding; raise EmbeddingError with the reason on failure."""
-    header, meta = parse_header(path, data)
-    if len(header) > 8:
-        if any(name.startswith("bundle_emb.") for name in header):
-            raise EmbeddingError(
-                path,
-                "this is a LoRA with bundled embeddings (bundle_emb.* keys); loading embeddings from LoRA "
-                "bundles is not supported yet: keep LoRA files out of the embeddings folder",
-            )
-        raise EmbeddingError(
-            path,
-            f"holds {len(header)} tensors ({_summary(header, 3)}): this is a model or LoRA, not an embedding; "
-            "keep it out of the embeddings folder",
-        )
+def load_safetensors_file(path: Path, data: bytes, limits: Limits = EMBEDDING_LIMITS, *,
+                          error: type[EmbeddingError] = EmbeddingError) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, string metadata) of a safetensors file, after the header checks within ``limits``.
+
+    Raises ``error(path, reason)`` (an :class:`EmbeddingError` by default).
+    """
+    _header, meta = parse_header(path, data, limits, error=error)
+    from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
 
     try:
         tensors: dict[str, torch.Tensor] = load_safetensors(data)
-    except Exception as exc:  # SafetensorError and friends
-        raise EmbeddingError(path, f"cannot decode the safetensors data ({short(exc)}); the file is damaged") from None
-    container = "safetensors"
-    return recognise(tensors, path, container, metadata=meta)
+    except (SafetensorError, ValueError, RuntimeError, TypeError) as exc:
+        raise error(path, f"cannot decode the safetensors data ({short(exc)}); the file is damaged") from None
+    return tensors, meta
+
+
+def read_safetensors(path: Path, data: bytes, limits: Limits = EMBEDDING_LIMITS) -> EmbeddingData:
+    """Parse the bytes of a safetensors embedding; raise EmbeddingError with the reason on failure."""
+    header, _meta = parse_header(path, data, None)
+    if any(name.startswith("bundle_emb.") for name in header):
+        raise EmbeddingError(
+            path,
+            "this is a LoRA with bundled embeddings (bundle_emb.* keys); loading embeddings from LoRA "
+            "bundles is not supported yet: keep LoRA files out of the embeddings folder",
+        )
+    check_limits(path, header, limits)
+    tensors, meta = load_safetensors_file(path, data, limits)
+    return recognise(tensors, path, "safetensors", metadata=meta)
 
 
 def encode_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:

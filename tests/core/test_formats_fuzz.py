@@ -1,11 +1,17 @@
-"""Property: whatever bytes a damaged file holds, read_embedding raises nothing but EmbeddingError."""
+"""Property: whatever bytes a damaged file holds, read_embedding raises nothing but EmbeddingError.
+
+The readers catch only what their parsers raise for bad input, so an unexpected exception type (a bug)
+escapes and fails this test; the library, not the readers, keeps the daemon up in that case.
+"""
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
+from attack_corpus import CODE, FORMAT
 from fixture_paths import FIXTURES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -23,7 +29,8 @@ def _card_bytes() -> bytes:
         return path.read_bytes()
 
 
-SAMPLES = [(p.name, p.read_bytes()) for p in SOURCES] + [("card.png", _card_bytes())]
+SAMPLES = ([(p.name, p.read_bytes()) for p in SOURCES] + [("card.png", _card_bytes())]
+           + [(a.filename, a.build(Path("/nonexistent/marker"))) for a in CODE + FORMAT if a.name != "torchscript"])
 
 
 @st.composite
@@ -60,3 +67,17 @@ def test_mutated_files_raise_only_embedding_error(sample: tuple[str, bytes]) -> 
             read_embedding(path)
         except EmbeddingError as exc:
             assert str(exc).startswith(str(path))
+
+
+def test_an_unexpected_exception_in_a_reader_is_not_hidden(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What makes the property above able to fail: a reader bug surfaces as itself, not as EmbeddingError."""
+    from sdrepl.core.formats import pickle_file
+
+    def buggy(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(pickle_file, "recognise", buggy)
+    path = tmp_path / "x.pt"
+    path.write_bytes((FIXTURES / "a1111" / "bad-artist.pt").read_bytes())
+    with pytest.raises(ZeroDivisionError):
+        read_embedding(path)
