@@ -55,3 +55,12 @@ class UsageError(SdreplError):
 
 class Cancelled(SdreplError):
     """The request was cancelled (by ``cancel``, by its client going away, or by shutdown)."""
+
+
+class NetworkError(SdreplError):
+    """A LoRA, LyCORIS or hypernetwork file cannot be used (names the file, what was found, what to do)."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
