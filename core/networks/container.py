@@ -3,9 +3,10 @@
 - **safetensors**: only the header is read to index a file (names, dtypes, shapes, string metadata), and it
   is checked against the file's size, so a truncated download is reported as such before any tensor is
   touched. Tensors are read later, one by one, through safetensors' own reader.
-- **pickles** (``.pt`` / ``.bin`` / ``.ckpt``): the loader of :mod:`sdrepl.core.formats.pickle_file`
-  (``torch.load(weights_only=True, map_location="cpu")``, so files saved with CUDA storages load on a
-  machine without CUDA, and a pickle that would run code is refused by name). A pickle has no header, so
+- **pickles** (``.pt`` / ``.bin`` / ``.ckpt``): :func:`sdrepl.core.formats.pickle_file.load_torch_file`
+  with :func:`~sdrepl.core.formats.limits.lora_limits` (inspected first, then ``torch.load(weights_only=True,
+  map_location="cpu")``, so files saved with CUDA storages load on a machine without CUDA, and a pickle
+  that would run code is refused by name). A pickle has no header, so
   indexing one reads it whole; the tensors are kept for the first use.
 
 Every failure is a :class:`NetworkError` naming the file and saying what was wrong.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat as stat_module
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,26 +95,18 @@ def _safetensors_header(path: Path, size: int) -> Header:
 
 
 def _pickle_header(path: Path, size: int) -> Header:
-    from sdrepl.core.formats import pickle_file
+    from sdrepl.core.formats.limits import lora_limits
+    from sdrepl.core.formats.pickle_file import load_torch_file
+    from sdrepl.core.safe_open import UnsafeFile, read_regular_file
 
     if size > MAX_PICKLE_BYTES:
         raise NetworkError(path, f"a {size / 2**20:.0f} MiB pickle is larger than any LoRA sdrepl reads as a pickle "
                                  f"({MAX_PICKLE_BYTES // 2**20} MiB); convert it to .safetensors")
-    with open(path, "rb") as fh:
-        data = fh.read(MAX_PICKLE_BYTES + 1)
-    if not is_pickle(data):
-        raise NetworkError(path, f"neither safetensors nor a PyTorch file (starts with bytes {data[:8].hex(' ')}); "
-                                 "the file is damaged or has the wrong extension")
     try:
-        obj = pickle_file._load(data, allow_legacy=False)
-    except Exception as exc:
-        detail = pickle_file._refusal_detail(str(exc))
-        if detail is not None:
-            raise NetworkError(path, f"the file contains code or objects that a safe load (torch.load "
-                                     f"weights_only=True) refuses ({detail}); it was not loaded. LoRA files need "
-                                     "only tensors: re-save it as .safetensors if you trust its source") from None
-        raise NetworkError(path, f"truncated or corrupt PyTorch file ({type(exc).__name__}: {short(exc)}); "
-                                 "download it again") from None
+        data, _ = read_regular_file(path, MAX_PICKLE_BYTES)
+    except UnsafeFile as exc:
+        raise NetworkError(path, str(exc)) from None
+    obj = load_torch_file(path, data, lora_limits(size), error=NetworkError)  # type: ignore[arg-type]
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) and len(obj) <= 4:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -127,9 +121,12 @@ def read_header(path: Path) -> Header:
     """Index ``path`` cheaply (see module docstring); raise NetworkError on any failure."""
     path = Path(path)
     try:
-        size = os.stat(path).st_size
+        st = os.stat(path)
     except OSError as exc:
         raise NetworkError(path, f"cannot read the file ({exc.strerror or exc})") from None
+    if not stat_module.S_ISREG(st.st_mode):
+        raise NetworkError(path, "not a regular file (a FIFO, socket or device): not opened")
+    size = st.st_size
     if size > MAX_NETWORK_BYTES:
         raise NetworkError(path, f"{size / 2**30:.1f} GiB is larger than any LoRA ({MAX_NETWORK_BYTES // 2**30} GiB "
                                  "at most): this looks like a model checkpoint; keep it out of the LoRA folder")

@@ -61,7 +61,7 @@ def _write_bad(folder, kind: str) -> str:
     ("nothing", "0 of 3 keys match this model"),
     ("sdxl", "a LoRA for SDXL, but the model is SD 1.x"),
     ("truncated", "truncated"),
-    ("pickle", "refuses (it refers to posix.system)"),
+    ("pickle", "refused by the safe loader"),
     ("rank", "rank mismatch"),
     ("algo", "LyCORIS algorithm OFT"),
 ])
