@@ -85,7 +85,7 @@ def run_generation(
 ) -> dict[str, Any]:
     """Make ``job.n`` pictures on the calling (device) thread; ``on_progress(step, total, image)``."""
     from sdrepl.core.conditioning import encode_prompts
-    from sdrepl.core.samplers import make_scheduler, sample, user_step
+    from sdrepl.core.samplers import make_scheduler, sample
 
     started = time.monotonic()
     pipe = model.pipe
@@ -98,14 +98,12 @@ def run_generation(
     for index in range(job.n):
         seed = job.seed + index
 
-        def on_step(pipe_: Any, step: int, _timestep: Any, kwargs: dict, index: int = index) -> dict:
-            done = user_step(step, len(pipe_.scheduler.timesteps), job.steps)  # Heun & co.: 2 calls a step
+        def on_step(done: int, _steps: int, index: int = index) -> None:
             if cancel_event is not None and cancel_event.is_set():
                 raise Cancelled(f"generate: cancelled at step {done} of {job.steps} (picture {index + 1} of "
                                 f"{job.n})")
             if on_progress is not None:
                 on_progress(index * job.steps + done, total, index)
-            return kwargs
 
         if cancel_event is not None and cancel_event.is_set():
             raise Cancelled(f"generate: cancelled before picture {index + 1} of {job.n}")

@@ -21,6 +21,11 @@ SD_SCHEDULE: dict[str, Any] = {
     "beta_schedule": "scaled_linear",
     "steps_offset": 1,
     "prediction_type": "epsilon",
+    # As SD's own scheduler config (and A1111's DDIM/PLMS): no x0 clipping, last alpha from the schedule.
+    # diffusers' DDIM/PNDM class defaults differ, and a pipeline fixes ``clip_sample`` only at construction,
+    # never for a scheduler swapped in later.
+    "clip_sample": False,
+    "set_alpha_to_one": False,
 }
 
 
@@ -95,42 +100,32 @@ def make_scheduler(name: str, base_config: Mapping[str, Any] | None):
     config = dict(SD_SCHEDULE)
     if base_config:
         for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-                    "prediction_type", "steps_offset", "timestep_spacing", "rescale_betas_zero_snr"):
+                    "prediction_type", "steps_offset", "timestep_spacing", "rescale_betas_zero_snr",
+                    "clip_sample", "set_alpha_to_one"):
             if key in base_config and base_config[key] is not None:
                 config[key] = base_config[key]
     config.update(sampler.options)
     return cls.from_config(config)
 
 
-def user_step(index: int, scheduler_steps: int, steps: int) -> int:
-    """The user's step (1..steps) for diffusers' step callback ``index`` (0-based) of ``scheduler_steps``.
-
-    Second-order samplers (Heun, DPM2, DPM2 a, DPM++ SDE) run about two model evaluations per step, and
-    their schedulers list ``2 * steps - 1`` timesteps: counted raw, progress ends at 7/4. Scaling keeps it
-    on the user's scale and ends exactly at ``steps``.
-    """
-    if scheduler_steps <= steps or scheduler_steps <= 0:
-        return min(index + 1, steps)
-    return max(1, min(steps, round((index + 1) * steps / scheduler_steps)))
-
-
 def sample(model: Any, cond: Any, *, steps: int, cfg: float, width: int, height: int, seed: int,
-           on_step: Any = None):
-    """One picture from prepared conditioning (``core.conditioning.Conditioning``) with the model's current
-    scheduler; the noise comes from a CPU generator seeded with ``seed``, so a seed gives the same picture
-    on every device. ``on_step`` is diffusers' ``callback_on_step_end``. Returns a PIL image."""
-    import torch
+           on_step: Any = None, scheduler: Any = None):
+    """One picture from prepared conditioning (``core.conditioning.Conditioning``) through sdrepl's own loop
+    (``core.denoise``); the noise comes from a CPU generator seeded with ``seed``, so a seed gives the same
+    picture on every device. ``scheduler`` defaults to a fresh copy of the model's current one;
+    ``on_step(done, total)`` is called after each sampler step. Returns a PIL image."""
+    return sample_batch(model, cond, steps=steps, cfg=cfg, width=width, height=height, seeds=[seed],
+                        on_step=on_step, scheduler=scheduler)[0]
 
-    extra = getattr(cond, "pipeline_inputs", None)  # SDXL: pooled embeddings and time ids
-    return model.pipe(
-        **(extra(width, height) if extra is not None else {}),
-        prompt_embeds=cond.prompt_embeds,
-        negative_prompt_embeds=cond.negative_prompt_embeds,
-        num_inference_steps=steps,
-        guidance_scale=cfg,
-        width=width,
-        height=height,
-        generator=torch.Generator("cpu").manual_seed(seed),
-        callback_on_step_end=on_step,
-        output_type="pil",
-    ).images[0]
+
+def sample_batch(model: Any, cond: Any, *, steps: int, cfg: float, width: int, height: int, seeds: list[int],
+                 on_step: Any = None, scheduler: Any = None) -> list:
+    """``len(seeds)`` pictures in one batch; picture ``i`` is the picture :func:`sample` makes with
+    ``seeds[i]``."""
+    from sdrepl.core.denoise import Components, StepCond, denoise
+
+    current = model.pipe.scheduler
+    scheduler = scheduler if scheduler is not None else type(current).from_config(current.config)
+    return denoise(Components.of(model.pipe), scheduler=scheduler, steps=steps, cfg=cfg, width=width,
+                   height=height, seeds=seeds, conditioning=StepCond.of(cond, width, height).constant(),
+                   on_step=on_step)

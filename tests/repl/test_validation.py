@@ -15,7 +15,6 @@ import sys
 import pytest
 
 from sdrepl.config import parse_duration
-from sdrepl.core.samplers import user_step
 from sdrepl.daemon.client import RemoteError
 from sdrepl.repl.session import Session
 
@@ -63,14 +62,6 @@ def test_set_n_beyond_the_shared_limit_is_refused_when_set(fake):
 @pytest.mark.parametrize(("text", "seconds"), [("500ms", 0.5), ("1m30s", 90.0), ("2h", 7200.0), ("1s500ms", 1.5)])
 def test_keep_alive_units(text, seconds):
     assert parse_duration(text) == pytest.approx(seconds)
-
-
-@pytest.mark.parametrize(("index", "scheduler_steps", "steps", "expected"), [
-    (0, 4, 4, 1), (3, 4, 4, 4),  # first-order: one callback per step
-    (0, 7, 4, 1), (6, 7, 4, 4), (3, 7, 4, 2),  # Heun/DPM2: 2*steps-1 timesteps
-])
-def test_user_step_counts_the_users_steps(index, scheduler_steps, steps, expected):
-    assert user_step(index, scheduler_steps, steps) == expected
 
 
 def _sdrepl(*args: str) -> subprocess.CompletedProcess:
