@@ -144,13 +144,31 @@ def frame_both(chunks: Sequence[Chunk], model: Any,
     return framed
 
 
-def encode_sdxl_chunks(model: Any, framed: Mapping[str, Sequence[ChunkInput]], clip_skip: int = 1,
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[k, 77, 2048]`` and the first chunk's pooled ``[1, 1280]`` from :func:`frame_both`'s inputs."""
+def _both(model: Any, framed: Mapping[str, Sequence[ChunkInput]], clip_skip: int):
+    """Every chunk through both encoders: ``[k, 77, 2048]`` and every chunk's pooled ``[k, 1280]``."""
     (_, _, enc_l), (_, _, enc_g) = _encoders(model)
     z_l, _ = encode_encoder_chunks(enc_l, framed[CLIP_L], clip_skip)
     z_g, pooled = encode_encoder_chunks(enc_g, framed[CLIP_G], clip_skip, pooled=True)
-    return torch.cat([z_l, z_g.to(z_l.dtype)], dim=-1), pooled[:1]
+    return torch.cat([z_l, z_g.to(z_l.dtype)], dim=-1), pooled
+
+
+def encode_sdxl_chunks(model: Any, framed: Mapping[str, Sequence[ChunkInput]], clip_skip: int = 1,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[k, 77, 2048]`` and the first chunk's pooled ``[1, 1280]`` from :func:`frame_both`'s inputs."""
+    z, pooled = _both(model, framed, clip_skip)
+    return z, pooled[:1]
+
+
+def encode_sdxl_batch(model: Any, per_text: Sequence[Sequence[Chunk]],
+                      overrides: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+                      clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several prompts' chunks as one batch (the trainer's captions): ``[B, 77*k, 2048]`` (shorter prompts
+    padded with the empty chunk) and each prompt's first-chunk pooled embedding ``[B, 1280]``.
+    Differentiable with respect to the ``overrides`` tensors (see :func:`frame_both`)."""
+    most = max(len(chunks) for chunks in per_text)
+    flat = [c for chunks in per_text for c in [*chunks, *[Chunk()] * (most - len(chunks))]]
+    z, pooled = _both(model, frame_both(flat, model, overrides), clip_skip)
+    return z.reshape(len(per_text), most * z.shape[1], z.shape[2]), pooled[::most]
 
 
 def _encode_one(model: Any, text: str, lookup: EmbeddingLookup, options: PromptOptions):

@@ -36,6 +36,18 @@ class Picture:
     caption: str
     #: [3, H, W] in [-1, 1] until encoded; dropped afterwards to free memory.
     pixels: torch.Tensor | None
+    #: The file's size (width, height) before fitting: SDXL's "original size" time ids.
+    original: tuple[int, int] = (0, 0)
+    #: Where the training crop starts (top, left) in the scaled picture, and in its mirror image
+    #: (``--flip``): SDXL's crop time ids. (0, 0) for a stretched picture.
+    crop: tuple[int, int] = (0, 0)
+    crop_flipped: tuple[int, int] = (0, 0)
+
+    def time_ids(self, size: tuple[int, int], flipped: bool = False) -> list[int]:
+        """SDXL's six time ids for this picture trained at ``size`` (width, height), as SDXL training
+        computes them: original (h, w), crop (top, left), target (h, w)."""
+        crop = self.crop_flipped if flipped else self.crop
+        return [self.original[1], self.original[0], crop[0], crop[1], size[1], size[0]]
 
 
 @dataclass
@@ -140,7 +152,9 @@ def load_dataset(
         if not center_crop and (image.width < width or image.height < height):
             too_small.append(f"{path.name} ({image.width}x{image.height})")
             continue
-        pictures.append(Picture(path, read_caption(path, regex, join), to_pixels(fit(image, size, center_crop))))
+        fitted, crop, crop_flipped = fit_with_crop(image, size, center_crop)
+        pictures.append(Picture(path, read_caption(path, regex, join), to_pixels(fitted), image.size, crop,
+                                crop_flipped))
     problems = []
     if unreadable:
         problems.append(f"{len(unreadable)} picture(s) cannot be read: {_listing(unreadable)}; fix or remove them")
@@ -156,17 +170,23 @@ def load_dataset(
 
 def fit(image: Image.Image, size: tuple[int, int], center_crop: bool) -> Image.Image:
     """Resize to ``size``: stretched as A1111 does, or (``center_crop``) scaled to cover then cropped."""
+    return fit_with_crop(image, size, center_crop)[0]
+
+
+def fit_with_crop(image: Image.Image, size: tuple[int, int], center_crop: bool,
+                  ) -> tuple[Image.Image, tuple[int, int], tuple[int, int]]:
+    """:func:`fit`, plus where the crop starts (top, left) in the scaled picture and in its mirror image."""
     width, height = size
     if not center_crop:
         if image.size == (width, height):
-            return image
-        return image.resize((width, height), Image.Resampling.LANCZOS)
+            return image, (0, 0), (0, 0)
+        return image.resize((width, height), Image.Resampling.LANCZOS), (0, 0), (0, 0)
     scale = max(width / image.width, height / image.height)
     scaled = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     if scaled != image.size:
         image = image.resize(scaled, Image.Resampling.LANCZOS)
     left, top = (image.width - width) // 2, (image.height - height) // 2
-    return image.crop((left, top, left + width, top + height))
+    return image.crop((left, top, left + width, top + height)), (top, left), (top, image.width - width - left)
 
 
 def to_pixels(image: Image.Image) -> torch.Tensor:

@@ -50,10 +50,18 @@ def set_gradient_checkpointing(pipe: Any, on: bool) -> bool:
     grad is enabled; transformers only in training mode, which the trainer sets around each step.
     """
     active = False
-    unet, text_encoder = pipe.unet, pipe.text_encoder
+    unet = pipe.unet
     if getattr(unet, "_supports_gradient_checkpointing", False):
         (unet.enable_gradient_checkpointing if on else unet.disable_gradient_checkpointing)()
         active = on
+    for text_encoder in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):  # SDXL has two
+        if text_encoder is not None:
+            active = _text_checkpointing(text_encoder, on) or active
+    return active
+
+
+def _text_checkpointing(text_encoder: Any, on: bool) -> bool:
+    active = False
     enable = getattr(text_encoder, "activation_checkpointing_enable", None) or getattr(
         text_encoder, "gradient_checkpointing_enable", None)
     disable = getattr(text_encoder, "activation_checkpointing_disable", None) or getattr(

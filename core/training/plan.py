@@ -18,10 +18,11 @@ from typing import Any
 import torch
 
 from sdrepl.core.create import create_embedding_vectors
-from sdrepl.core.embedding import SINGLE, Embedding
+from sdrepl.core.embedding import Embedding
 from sdrepl.core.errors import TrainingError
 from sdrepl.core.training.checkpoint import find_checkpoint, load_checkpoint
 from sdrepl.core.training.options import TrainOptions
+from sdrepl.core.training.vectors import join_vectors
 
 
 @dataclass
@@ -32,7 +33,7 @@ class RunPlan:
     target: Path
     #: Whether the final write may replace an existing ``target``.
     replace_ok: bool
-    #: Starting vectors ``[N, D]`` float32 on the CPU.
+    #: Starting vectors ``[N, D]`` float32 on the CPU (SDXL: ``[N, 768 + 1280]``, see core.training.vectors).
     vectors: torch.Tensor
     init_text: str | None
     seed: int
@@ -48,10 +49,8 @@ class RunPlan:
 def plan_run(model: Any, options: TrainOptions, *, embeddings_dir: Path, cwd: Path,
              existing: Embedding | None = None) -> RunPlan:
     """Decide the run (see module docstring); raise TrainingError when it must not start."""
-    if SINGLE not in model.encoder_widths:
-        raise TrainingError(f"training on {model.label} models (two text encoders) is not supported yet; use an "
-                            "SD 1.x or SD 2.x model")
-    width = model.encoder_widths[SINGLE]
+    widths = model.encoder_widths
+    width = sum(widths.values())  # SDXL: clip_l and clip_g side by side (see core.training.vectors)
     checkpoint = None
     notes: list[str] = []
     if options.resume:
@@ -92,17 +91,20 @@ def plan_run(model: Any, options: TrainOptions, *, embeddings_dir: Path, cwd: Pa
             notes.append(f"--seed {options.seed} ignored: a resumed run keeps its seed {seed}")
     else:
         if existing is not None:
-            if SINGLE not in existing.vectors:
-                raise TrainingError(f"{existing.path}: this embedding has no single-encoder vectors to train")
-            vectors = existing.vectors[SINGLE].detach().to("cpu", torch.float32).clone()
+            try:
+                vectors = join_vectors(existing.vectors, widths)
+            except ValueError as exc:
+                raise TrainingError(f"{existing.path}: this embedding does not fit the {model.label} model ({exc}); "
+                                    "train a new name for this model") from None
             init_text = existing.data.init_text
             if "init" in options.explicit or "vectors" in options.explicit:
                 notes.append(f"--init/--vectors ignored: {options.name} exists, training continues from its vectors")
         else:
-            vectors = create_embedding_vectors(model, options.init, options.vectors)[SINGLE]
+            vectors = join_vectors(create_embedding_vectors(model, options.init, options.vectors), widths)
             init_text = options.init
         seed = options.seed if options.seed is not None else secrets.randbelow(2**31)
     if vectors.ndim != 2 or vectors.shape[1] != width:
         raise TrainingError(f"!train {options.name}: the starting vectors are {list(vectors.shape)}, but this model's "
-                            f"text encoder is {width} wide; train a new name for this model")
+                            f"text encoders are {width} wide ({' + '.join(map(str, widths.values()))}); train a new "
+                            "name for this model")
     return RunPlan(options, log_dir, target, bool(taken) or own_output, vectors, init_text, seed, checkpoint, notes)

@@ -8,7 +8,7 @@ parameter as an override, so only those N rows take part in autograd, not the 49
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +20,18 @@ from sdrepl.core.embedding import SINGLE, Embedding, EmbeddingData
 from sdrepl.core.errors import PromptError, TrainingError
 from sdrepl.core.prompt import EmbeddingLookup, PromptOptions
 from sdrepl.core.training.templates import NAME
+from sdrepl.core.training.vectors import split_vectors
 
 #: Captions are matched literally: a caption word that happens to be another embedding's trigger stays text.
 CAPTION_OPTIONS = PromptOptions(bare_names=False)
 
 
-def standin(name: str, vectors: torch.Tensor) -> Embedding:
-    """An :class:`Embedding` for the vectors being trained (``vectors`` detached to the CPU)."""
-    data = EmbeddingData({SINGLE: vectors.detach().to("cpu", torch.float32)}, format="training", inner_name=name)
+def standin(name: str, vectors: torch.Tensor, widths: Mapping[str, int] | None = None) -> Embedding:
+    """An :class:`Embedding` for the vectors being trained (``vectors`` detached to the CPU), split by the
+    model's encoder ``widths`` (an SDXL pair's are side by side, see :mod:`sdrepl.core.training.vectors`)."""
+    flat = vectors.detach().to("cpu", torch.float32)
+    parts = split_vectors(flat, widths) if widths else {SINGLE: flat}
+    data = EmbeddingData({k: v.contiguous() for k, v in parts.items()}, format="training", inner_name=name)
     return Embedding(trigger=name, qualified=name, path=Path(name), data=data, sha256="0" * 64)
 
 
@@ -62,7 +66,7 @@ class CaptionEncoder:
     def __init__(self, model: Any, name: str, vectors: torch.Tensor, library: EmbeddingLookup | None = None) -> None:
         self.model = model
         self.name = name
-        self.lookup = TrainingLookup(standin(name, vectors), library)
+        self.lookup = TrainingLookup(standin(name, vectors, model.encoder_widths), library)
         self._empty = empty_chunk(model.tokenizer)
 
     def chunks(self, text: str) -> list[Chunk]:
@@ -88,3 +92,23 @@ class CaptionEncoder:
         """Parse every caption once before training, so a bad one fails the job before step 1."""
         for text in texts:
             self.chunks(text)
+
+
+class SdxlCaptionEncoder(CaptionEncoder):
+    """SDXL captions: both encoders per chunk (:mod:`sdrepl.core.conditioning_sdxl`), the pair's halves spliced
+    into their own encoder, and the pooled embedding of each caption's first chunk."""
+
+    def encode(self, texts: Sequence[str], vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([B, 77*k, 2048], [B, 1280])``, differentiable with respect to ``vectors`` ``[N, 768 + 1280]``."""
+        from sdrepl.core.conditioning_sdxl import encode_sdxl_batch
+
+        parts = split_vectors(vectors, self.model.encoder_widths)
+        overrides = {key: {self.name: part} for key, part in parts.items()}
+        return encode_sdxl_batch(self.model, [self.chunks(text) for text in texts], overrides)
+
+
+def caption_encoder(model: Any, name: str, vectors: torch.Tensor,
+                    library: EmbeddingLookup | None = None) -> CaptionEncoder:
+    """The caption encoder for the model's family."""
+    cls = SdxlCaptionEncoder if getattr(model, "family", None) == "sdxl" else CaptionEncoder
+    return cls(model, name, vectors, library)

@@ -42,7 +42,8 @@ from sdrepl.core.training.outputs import TrainingLog
 from sdrepl.core.training.plan import RunPlan
 from sdrepl.core.training.schedule import parse_schedule
 from sdrepl.core.training.templates import fill_filewords, load_template
-from sdrepl.core.training.text import CaptionEncoder, TrainingLookup, as_prompt, standin
+from sdrepl.core.training.text import TrainingLookup, as_prompt, caption_encoder, standin
+from sdrepl.core.training.vectors import split_vectors
 
 log = logging.getLogger(__name__)
 PREVIEW_STEPS = 20
@@ -88,10 +89,12 @@ class Trainer:
         )
         self.seed = plan.seed
         self.vectors = torch.nn.Parameter(plan.vectors.to(self.device, torch.float32).clone())
-        self.text = CaptionEncoder(model, self.name, self.vectors, library)
+        #: SDXL: pooled embeddings and time ids go to the UNet besides the captions' hidden states.
+        self.sdxl = getattr(model, "family", None) == "sdxl"
+        self.text = caption_encoder(model, self.name, self.vectors, library)
         self.text.check([fill_filewords(self.templates[0], p.caption) for p in self.data.pictures]
                         + [fill_filewords(line, self.data.pictures[0].caption) for line in self.templates])
-        for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
+        for module in self._text_encoders() + [self.pipe.unet, self.pipe.vae]:
             module.requires_grad_(False)
         from diffusers import DDPMScheduler
 
@@ -134,6 +137,14 @@ class Trainer:
 
     def current_vectors(self) -> torch.Tensor:
         return self.vectors.detach().to("cpu", torch.float32).clone()
+
+    def current_parts(self) -> dict[str, torch.Tensor]:
+        """The vectors keyed for a file: ``{text_encoder: [N, D]}``, or SDXL's ``{clip_l, clip_g}``."""
+        parts = split_vectors(self.current_vectors(), self.model.encoder_widths)
+        return {key: part.contiguous() for key, part in parts.items()}
+
+    def _text_encoders(self) -> list[Any]:
+        return [m for m in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)) if m is not None]
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -183,9 +194,9 @@ class Trainer:
         before = self.vectors.detach().clone()
         accum = self.options.accum
         total = 0.0
-        text_encoder = self.pipe.text_encoder
         if self._checkpointing:
-            text_encoder.train()  # transformers only checkpoints in training mode (CLIP has no dropout)
+            for text_encoder in self._text_encoders():
+                text_encoder.train()  # transformers only checkpoints in training mode (CLIP has no dropout)
         try:
             for _ in range(accum):
                 loss = self._micro_batch()
@@ -199,7 +210,8 @@ class Trainer:
         finally:
             self.optimizer.zero_grad(set_to_none=True)
             if self._checkpointing:
-                text_encoder.eval()
+                for text_encoder in self._text_encoders():
+                    text_encoder.eval()
         if not bool(torch.isfinite(self.vectors).all()):
             with torch.no_grad():
                 self.vectors.copy_(before)
@@ -228,6 +240,7 @@ class Trainer:
         gen = self.generator
         flips = (torch.rand(len(indices), generator=gen) < 0.5).tolist() if self.data.flip else [False] * len(indices)
         latents = torch.stack([self.data.latent(i, f, gen) for i, f in zip(indices, flips, strict=True)])
+        pictures = [(self.data.pictures[i], f) for i, f in zip(indices, flips, strict=True)]
         noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32)
         steps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (len(indices),), generator=gen)
@@ -239,8 +252,15 @@ class Trainer:
             target = noise
         unet = self.pipe.unet
         with autocast(self.precision, self.device):
-            cond = self.text.encode(texts, self.vectors)
-            pred = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=cond.to(unet.dtype)).sample
+            added = None
+            if self.sdxl:  # SDXL training's added conditioning: pooled captions, each picture's time ids
+                cond, pooled = self.text.encode(texts, self.vectors)
+                ids = torch.tensor([p.time_ids(self.size, f) for p, f in pictures], dtype=torch.float32)
+                added = {"text_embeds": pooled.to(unet.dtype), "time_ids": ids.to(self.device, unet.dtype)}
+            else:
+                cond = self.text.encode(texts, self.vectors)
+            pred = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=cond.to(unet.dtype),
+                        added_cond_kwargs=added).sample
         return self.loss_fn(pred.float(), target.float())
 
     def loss_fn(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -274,7 +294,7 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint plus ``embeddings/<name>-<step>.safetensors`` in the log folder."""
         self.save_checkpoint()
-        write_embedding(self.log.embedding_path(self.step_count), {SINGLE: self.current_vectors()}, "safetensors",
+        write_embedding(self.log.embedding_path(self.step_count), self.current_parts(), "safetensors",
                         name=self.name, step=self.step_count, checkpoint_hash=self.model.model_hash,
                         checkpoint_name=self.model.name, init_text=self.plan.init_text, overwrite=True)
 
@@ -300,7 +320,7 @@ class Trainer:
         text = as_prompt(prompt.replace(f"<{self.name}>", "[name]"), self.name) if prompt else as_prompt(
             fill_filewords(self.templates[0], self.data.pictures[0].caption), self.name)
         vectors = self.current_vectors()
-        lookup = TrainingLookup(standin(self.name, vectors), self.library)
+        lookup = TrainingLookup(standin(self.name, vectors, self.model.encoder_widths), self.library)
         if self.offload_vae:
             self.pipe.vae.to(self.device)
         try:
@@ -314,14 +334,15 @@ class Trainer:
         path = self.log.image_path(self.step_count)
         with atomic_writer(path) as tmp:
             image.save(tmp, format="PNG")
-        write_png_card(self.log.card_path(self.step_count), {SINGLE: vectors}, name=self.name,
-                       step=self.step_count, preview=image, checkpoint_hash=self.model.model_hash,
-                       checkpoint_name=self.model.name, overwrite=True)
+        if not self.sdxl:  # A1111 picture cards hold one vector set; SDXL pairs have no card form
+            write_png_card(self.log.card_path(self.step_count), {SINGLE: vectors}, name=self.name,
+                           step=self.step_count, preview=image, checkpoint_hash=self.model.model_hash,
+                           checkpoint_name=self.model.name, overwrite=True)
         return path
 
     def write_final(self) -> Path:
         """Write the embedding so far to its place in the embeddings folder (atomically)."""
-        path = write_embedding(self.plan.target, {SINGLE: self.current_vectors()}, self.options.format,
+        path = write_embedding(self.plan.target, self.current_parts(), self.options.format,
                                name=self.name, step=self.step_count, checkpoint_hash=self.model.model_hash,
                                checkpoint_name=self.model.name, init_text=self.plan.init_text,
                                overwrite=self.plan.replace_ok or self.wrote_target)
