@@ -20,8 +20,10 @@ text's own line breaks stay and a value's cannot pass for one.
 
 from __future__ import annotations
 
+import logging
 import re
 import unicodedata
+from typing import Any
 
 #: ASCII characters that are never shown raw (C0 controls and DEL).
 _ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -56,3 +58,18 @@ def visible(text: object, *, newlines: bool = False) -> str:
     if text.isascii() and _ASCII_CONTROL.search(text) is None:
         return text  # the common case, at toolbar speed
     return "".join(_escape(ch) if needs_escape(ch) and not (newlines and ch == "\n") else ch for ch in text)
+
+
+class VisibleFormatter(logging.Formatter):
+    """Log records with file names, reasons and metadata made visible: a log line stays one line, and
+    reading the log (``tail -f``) cannot retitle or reprogram the reader's terminal."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = visible(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return visible(super().formatException(ei), newlines=True)
+
+    def formatStack(self, stack_info: str) -> str:
+        return visible(super().formatStack(stack_info), newlines=True)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sdrepl.config import Settings
+from sdrepl.core.display import visible
 from sdrepl.core.status_text import format_status
 from sdrepl.daemon.client import DaemonUnavailable, RemoteError, request_sync
 from sdrepl.daemon.runtime import LOG_FILE_ENV, SocketLock, run_daemon
@@ -145,7 +146,7 @@ def status_command(settings: Settings, as_json: bool = False) -> int:
     if as_json:
         print(json.dumps({"running": True, **result}))
     else:
-        print(format_status(result))
+        print(visible(format_status(result), newlines=True))  # folders and model names may hold anything
     return 0
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from sdrepl import __version__
 from sdrepl.config import Settings
+from sdrepl.core.display import VisibleFormatter
 from sdrepl.core.errors import SdreplError
 from sdrepl.daemon import protocol
 from sdrepl.daemon.protocol import PROTOCOL_VERSION
@@ -93,7 +94,7 @@ def configure_logging() -> None:
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(VisibleFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)

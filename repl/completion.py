@@ -27,6 +27,7 @@ from prompt_toolkit.completion import (
 )
 from prompt_toolkit.document import Document
 
+from sdrepl.core.display import visible
 from sdrepl.repl import commands, parse, train_args
 
 log = logging.getLogger("sdrepl.repl")
@@ -169,7 +170,7 @@ class EmbeddingCompleter(Completer):
         closing = 1 if document.text_after_cursor.startswith(">") else 0
         for name in rank(fragment, by_name):
             yield Completion(f"<{name}>"[: len(name) + 2 - closing], start_position=-len(fragment) - 1,
-                             display=f"<{name}>", display_meta=embedding_meta(by_name[name]))
+                             display=visible(f"<{name}>"), display_meta=visible(embedding_meta(by_name[name])))
 
 
 class LineCompleter(Completer):
@@ -266,11 +267,11 @@ class LineCompleter(Completer):
             else:
                 values = option_values(option, self._options(command, commands).get(option, ""))
             for value in rank(fragment, values):
-                yield Completion(value, start)
+                yield Completion(value, start, display=visible(value))
         elif kind == "positional":
             command, index, before = detail
             for value in rank(fragment, self._positional_values(command, index, before, commands)):
-                yield Completion(value, start)
+                yield Completion(value, start, display=visible(value))
 
     @staticmethod
     def _options(command: str | None, commands: dict[str, CommandInfo]) -> dict[str, str]:

@@ -23,6 +23,7 @@ from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.styles import Style
 
+from sdrepl.core.display import visible
 from sdrepl.repl.completion import make_completer
 from sdrepl.repl.history import BlockHistory
 from sdrepl.repl.keys import AbandonBlock, make_key_bindings, sigint_handler
@@ -105,7 +106,9 @@ class InteractiveRepl:
 
         While a line runs no prompt is drawn, and patch_stdout's proxy would write from its own thread
         later, possibly after the next prompt appeared; writing directly keeps the order on the screen.
+        Whatever the text holds, no control character reaches the terminal raw (``core.display``).
         """
+        text = visible(text, newlines=True)
         if self.prompt.app.is_running:
             print(text.rstrip("\n"), flush=True)
             return

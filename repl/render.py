@@ -3,6 +3,8 @@
 Scripted sessions print these verbatim and the interactive REPL prints them above the prompt, so they
 must read well in a pipe too: no escape codes, no widths that depend on the terminal. Every function
 takes the JSON-shaped result a line produced (daemon replies pass through unchanged) and returns text.
+Every value that came from a file or a folder (names, paths, reasons, metadata) goes in through
+:func:`~sdrepl.core.display.visible`, so it can neither control the terminal nor fake a line.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sdrepl.core.display import visible
 from sdrepl.core.status_text import format_duration
 
 SEP = " · "
@@ -28,12 +31,12 @@ def budget(tokens: dict[str, Any] | None) -> str:
 def display_path(path: str, cwd: Path | None) -> str:
     """A path as the user would type it: relative to the session folder when it lies inside it."""
     if cwd is None:
-        return path
+        return visible(path)
     try:
         rel = os.path.relpath(path, cwd)
     except ValueError:
-        return path
-    return path if rel.startswith("..") else rel
+        return visible(path)
+    return visible(path if rel.startswith("..") else rel)
 
 
 def generation(result: dict[str, Any], cwd: Path | None = None) -> str:
@@ -48,7 +51,7 @@ def generation(result: dict[str, Any], cwd: Path | None = None) -> str:
         facts.append(f"{elapsed:.1f} s")
     bare = list(tokens.get("bare") or []) + list((negative or {}).get("bare") or [])
     if bare:
-        facts.append("bare words as embeddings: " + ", ".join(bare))
+        facts.append("bare words as embeddings: " + ", ".join(map(visible, bare)))
     lines = []
     for image in result.get("images") or []:
         lines.append(f"{display_path(str(image.get('path')), cwd)}  (seed {image.get('seed')}, {', '.join(facts)})")
@@ -62,15 +65,15 @@ def tokens(result: dict[str, Any]) -> str:
     names = list(result.get("embeddings") or [])
     neg_names = [n for n in negative.get("embeddings") or [] if n not in names]
     if names or neg_names:
-        parts.append("embeddings: " + ", ".join(names + neg_names))
+        parts.append("embeddings: " + ", ".join(map(visible, names + neg_names)))
     lines = [SEP.join(parts)]
     for label, side in (("", result), ("neg ", negative)):
         chunk_texts = side.get("chunk_texts") or []
         if len(chunk_texts) > 1:
             for i, text in enumerate(chunk_texts, start=1):
-                lines.append(f"  {label}chunk {i}: {text}")
+                lines.append(f"  {label}chunk {i}: {visible(text)}")
         if side.get("bare"):
-            lines.append(f"  {label}bare words taken as embeddings: " + ", ".join(side["bare"]))
+            lines.append(f"  {label}bare words taken as embeddings: " + ", ".join(map(visible, side["bare"])))
     return "\n".join(lines)
 
 
@@ -95,9 +98,9 @@ def embeddings(result: dict[str, Any]) -> str:
     lines: list[str] = []
     if loaded:
         rows = [
-            [str(e.get("name")), str(e.get("vectors", "?")), _width(e.get("width")), str(e.get("format") or "-"),
-             Path(str(e.get("path") or "-")).name, "-" if e.get("step") is None else str(e.get("step")),
-             _short_hash(e.get("hash"))]
+            [visible(e.get("name")), str(e.get("vectors", "?")), _width(e.get("width")),
+             visible(e.get("format") or "-"), visible(Path(str(e.get("path") or "-")).name),
+             "-" if e.get("step") is None else visible(e.get("step")), visible(_short_hash(e.get("hash")))]
             for e in sorted(loaded, key=lambda e: str(e.get("name")).lower())
         ]
         lines += table(rows, ["trigger", "vectors", "width", "format", "file", "step", "hash"])
@@ -106,17 +109,21 @@ def embeddings(result: dict[str, Any]) -> str:
     skipped = result.get("skipped") or []
     if skipped:
         lines.append(f"skipped {len(skipped)} file(s):")
-        lines += [f"  {Path(str(s.get('path'))).name}: {s.get('reason', 'no reason given')}" for s in skipped]
-    lines += [f"warning: {w}" for w in result.get("warnings") or []]
+        lines += [f"  {_file_name(s.get('path'))}: {visible(s.get('reason', 'no reason given'))}" for s in skipped]
+    lines += [f"warning: {visible(w)}" for w in result.get("warnings") or []]
     return "\n".join(lines)
+
+
+def _file_name(path: Any) -> str:
+    return visible(Path(str(path)).name)
 
 
 def _width(width: Any) -> str:
     if isinstance(width, (list, tuple)):
         return "+".join(str(w) for w in width)
     if isinstance(width, dict):
-        return "+".join(f"{k}:{v}" for k, v in width.items())
-    return "?" if width is None else str(width)
+        return "+".join(f"{visible(k)}:{visible(v)}" for k, v in width.items())
+    return "?" if width is None else visible(width)
 
 
 def show(embedding: dict[str, Any]) -> str:
@@ -132,8 +139,8 @@ def show(embedding: dict[str, Any]) -> str:
         elif key == "size" and isinstance(value, int):
             value = f"{value} bytes"
         elif isinstance(value, (list, tuple)):
-            value = ", ".join(map(str, value)) or None
-        lines.append(f"{key + ':':<12} {'-' if value is None else value}")
+            value = ", ".join(map(visible, value)) or None
+        lines.append(f"{visible(key) + ':':<12} {'-' if value is None else visible(value)}")
     return "\n".join(lines)
 
 
@@ -141,7 +148,7 @@ def job(job: dict[str, Any] | None) -> str:
     """A training job in one line: name, state, step/total, loss, lr, speed, eta, file."""
     if not job:
         return "no training job"
-    parts = [f"training {job.get('name', '?')}: {job.get('state', '?')}",
+    parts = [f"training {visible(job.get('name', '?'))}: {visible(job.get('state', '?'))}",
              f"step {job.get('step', '?')}/{job.get('total', '?')}"]
     for key, fmt in (("loss", "loss {:.4g}"), ("lr", "lr {:g}"), ("it_s", "{:.2f} it/s")):
         if isinstance(job.get(key), (int, float)):
@@ -149,9 +156,9 @@ def job(job: dict[str, Any] | None) -> str:
     if isinstance(job.get("eta_s"), (int, float)) and job.get("state") == "running":
         parts.append(f"eta {format_duration(job['eta_s'])}")
     if job.get("path"):
-        parts.append(f"-> {job['path']}")
+        parts.append(f"-> {visible(job['path'])}")
     if job.get("error"):
-        parts.append(f"error: {job['error']}")
+        parts.append(f"error: {visible(job['error'])}")
     return SEP.join(parts)
 
 
@@ -159,7 +166,8 @@ def trained(result: dict[str, Any]) -> str:
     emb = result.get("embedding") or {}
     loss = emb.get("final_loss")
     loss_text = f", final loss {loss:.4g}" if isinstance(loss, (int, float)) else ""
-    return f"trained {emb.get('name', '?')}: {emb.get('steps', '?')} steps{loss_text} -> {emb.get('path', '?')}"
+    return (f"trained {visible(emb.get('name', '?'))}: {emb.get('steps', '?')} steps{loss_text} -> "
+            f"{visible(emb.get('path', '?'))}")
 
 
 def change(result: dict[str, Any]) -> str:
@@ -169,18 +177,19 @@ def change(result: dict[str, Any]) -> str:
     for key in ("added", "updated", "removed"):
         names = moved.get(key) or []
         if names:
-            lines.append(f"{key}: " + ", ".join(names))
+            lines.append(f"{key}: " + ", ".join(map(visible, names)))
     for item in moved.get("skipped") or []:
-        lines.append(f"skipped {Path(str(item.get('path'))).name}: {item.get('reason', 'no reason given')}")
-    lines += [f"no longer skipped: {Path(str(p)).name}" for p in moved.get("unskipped") or []]
-    lines += [f"warning: {w}" for w in moved.get("warnings") or []]
+        lines.append(f"skipped {_file_name(item.get('path'))}: {visible(item.get('reason', 'no reason given'))}")
+    lines += [f"no longer skipped: {_file_name(p)}" for p in moved.get("unskipped") or []]
+    lines += [f"warning: {visible(w)}" for w in moved.get("warnings") or []]
     return "\n".join(lines) or "rescanned: no changes"
 
 
 def preprocess(result: dict[str, Any]) -> str:
-    lines = [f"wrote {result.get('written', 0)} picture(s) to {result.get('dst', '?')}"]
+    lines = [f"wrote {result.get('written', 0)} picture(s) to {visible(result.get('dst', '?'))}"]
     skipped = result.get("skipped") or []
-    lines += [f"  skipped {Path(str(s.get('path'))).name}: {s.get('reason', 'no reason given')}" for s in skipped]
+    lines += [f"  skipped {_file_name(s.get('path'))}: {visible(s.get('reason', 'no reason given'))}"
+              for s in skipped]
     return "\n".join(lines)
 
 

@@ -34,6 +34,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
+from sdrepl.core.display import visible
 from sdrepl.repl import render
 from sdrepl.repl.lines import LineAssembler, LogicalLine
 from sdrepl.repl.session import LineResult, Session
@@ -91,7 +92,10 @@ def _settle(future: asyncio.Future, setter: Any, value: Any) -> None:
 
 
 def _write(stream: IO[str], text: str) -> None:
-    """Write a line and flush; a stream that cannot encode a character gets a backslash escape instead."""
+    """Write a line and flush; a stream that cannot encode a character gets a backslash escape instead.
+
+    No control character reaches the stream raw (``core.display``); JSON lines are ASCII already."""
+    text = visible(text, newlines=True)
     try:
         stream.write(text + "\n")
     except UnicodeEncodeError:
@@ -135,7 +139,7 @@ class ProgressPrinter:
         elif kind == "model":
             model = event.get("model") or {}
             name = f" {model.get('model')}" if isinstance(model, dict) and model.get("model") else ""
-            message = f": {event['message']}" if event.get("message") else ""
+            message = f": {visible(event['message'])}" if event.get("message") else ""
             _write(self.err, f"model{name}: {event.get('state', '?')}{message}")
         elif kind == "shutdown":
             _write(self.err, f"daemon stopping: {event.get('reason') or 'no reason given'}")
@@ -149,7 +153,8 @@ def render_result(logical: LogicalLine, result: LineResult, *, json_mode: bool) 
     if result.ok or (result.text and not result.text.startswith("error: ")):
         lines += [result.text] if result.text else []
     if not result.ok and result.error is not None:
-        lines.append(f"error: line {logical.number}: {result.error['type']}: {result.error['message']}")
+        lines.append(f"error: line {logical.number}: {visible(result.error['type'])}: "
+                     f"{visible(result.error['message'])}")
     return lines
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdrepl.core.display import visible
+
 log = logging.getLogger("sdrepl.repl")
 
 
@@ -123,7 +125,7 @@ class ReplState:
             if "model" in event:
                 self.model = event.get("model") or self.model
             if event.get("state") in ("error", "unloaded") and event.get("message"):
-                lines = [f"model {event['state']}: {event['message']}"]
+                lines = [f"model {event['state']}: {visible(event['message'])}"]
         elif kind == "queue":
             self.queue = {"pending": event.get("pending", 0), "running": event.get("running")}
         elif kind == "progress":
@@ -136,7 +138,7 @@ class ReplState:
                 lines = [describe_job_end(job)]
         elif kind == "shutdown":
             self.daemon_gone = event.get("reason") or "the daemon is stopping"
-            lines = [f"daemon stopping: {self.daemon_gone}"]
+            lines = [f"daemon stopping: {visible(self.daemon_gone)}"]
         for line in lines:
             self.notifications.append(line)
         self.changed()
@@ -149,21 +151,22 @@ def describe_library_change(change: dict[str, Any]) -> list[str]:
     for key, verb in (("added", "new"), ("updated", "updated"), ("removed", "removed")):
         names = change.get(key) or []
         if names:
-            lines.append(f"embeddings {verb}: " + ", ".join(f"<{n}>" for n in names))
+            lines.append(f"embeddings {verb}: " + ", ".join(f"<{visible(n)}>" for n in names))
     for item in change.get("skipped") or []:
-        lines.append(f"skipped {Path(str(item.get('path', '?'))).name}: {item.get('reason', 'no reason given')}")
+        lines.append(f"skipped {visible(Path(str(item.get('path', '?'))).name)}: "
+                     f"{visible(item.get('reason', 'no reason given'))}")
     for path in change.get("unskipped") or []:
-        lines.append(f"no longer skipped: {Path(str(path)).name}")
+        lines.append(f"no longer skipped: {visible(Path(str(path)).name)}")
     for warning in change.get("warnings") or []:
-        lines.append(f"warning: {warning}")
+        lines.append(f"warning: {visible(warning)}")
     return lines
 
 
 def describe_job_end(job: dict[str, Any]) -> str:
-    name, state = job.get("name", "?"), job.get("state", "?")
+    name, state = visible(job.get("name", "?")), job.get("state", "?")
     if state == "failed":
-        return f"training {name} failed: {job.get('error') or 'see the daemon log'}"
-    where = f" -> {job['path']}" if job.get("path") else ""
+        return f"training {name} failed: {visible(job.get('error') or 'see the daemon log')}"
+    where = f" -> {visible(job['path'])}" if job.get("path") else ""
     return f"training {name} {state} at step {job.get('step', '?')}/{job.get('total', '?')}{where}"
 
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sdrepl.core.display import visible
 from sdrepl.core.errors import SdreplError
 from sdrepl.core.status_text import format_duration
 from sdrepl.repl.parse import GENERATION_OPTIONS, Option, split_options, to_text
@@ -243,7 +244,7 @@ def render_toolbar(state: ReplState) -> list[tuple[str, str]]:
         for i, (style, text) in enumerate(parts):
             if i:
                 out.append(("", " · "))
-            out.append((style, text))
+            out.append((style, visible(text)))  # names and paths come from files: never raw
         return out or [("", " ")]
     except Exception:
         log.exception("toolbar failed")
