@@ -5,8 +5,9 @@ daemon's handler in ``daemon/generation.py`` only validates and queues), so the 
 in-process to measure what the daemon adds.
 
 Reproducibility: noise comes from a CPU ``torch.Generator`` seeded per picture (picture i uses seed+i), so
-a seed gives the same picture on every device, and ``n`` pictures are n single-picture runs (a picture
-made in a batch of 4 is the picture made alone with its seed).
+a seed gives the same picture on every device, and ``n`` pictures run as one batch where the device
+holds it, each the picture made alone with its seed (see ``core.denoise.default_unet_batch`` for what
+"the same" means on a GPU). PNG encoding and fsync run on a writer thread; the result waits for them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from sdrepl.core.embedding import Embedding
 from sdrepl.core.errors import Cancelled
 from sdrepl.core.models import LoadedModel
 from sdrepl.core.outputs import OutputFolder
-from sdrepl.core.pnginfo import build_parameters, png_text_chunks
+from sdrepl.core.picture_writer import PendingWrites
+from sdrepl.core.pnginfo import build_parameters
 from sdrepl.core.prompt import EmbeddingLookup, PromptOptions
 
 
@@ -83,9 +85,39 @@ def run_generation(
     cancel_event: threading.Event | None = None,
     on_progress: Callable[[int, int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Make ``job.n`` pictures on the calling (device) thread; ``on_progress(step, total, image)``."""
+    """Make ``job.n`` pictures on the calling (device) thread and wait for their files;
+    ``on_progress(step, total, image)``."""
+    return start_generation(model, lookup, job, outputs, cancel_event=cancel_event, on_progress=on_progress).wait()
+
+
+class PendingGeneration:
+    """A generation whose device work is done and whose files are being written (``wait`` for them)."""
+
+    def __init__(self, writes: PendingWrites, result: dict[str, Any], started: float) -> None:
+        self._writes = writes
+        self._result = result
+        self._started = started
+
+    def wait(self) -> dict[str, Any]:
+        images = self._writes.wait()
+        return {"images": images, **self._result, "elapsed_s": round(time.monotonic() - self._started, 4)}
+
+
+def start_generation(
+    model: LoadedModel,
+    lookup: EmbeddingLookup,
+    job: GenerationJob,
+    outputs: OutputFolder,
+    *,
+    cancel_event: threading.Event | None = None,
+    on_progress: Callable[[int, int, int], None] | None = None,
+) -> PendingGeneration:
+    """The device work of :func:`run_generation`: ``job.n`` pictures in as few batches as the device holds
+    (``core.batching``; picture ``i`` uses seed ``seed + i`` and is the picture a batch of one makes),
+    each handed to the writer thread (``core.picture_writer``) as soon as it is decoded."""
+    from sdrepl.core.batching import in_batches, pictures_per_batch
     from sdrepl.core.conditioning import encode_prompts
-    from sdrepl.core.samplers import make_scheduler, sample
+    from sdrepl.core.samplers import make_scheduler, sample_batch
 
     started = time.monotonic()
     pipe = model.pipe
@@ -94,26 +126,30 @@ def run_generation(
     cond = encode_prompts(model, job.prompt, job.negative, recorder, PromptOptions(clip_skip=job.clip_skip))
     ti_hashes = recorder.ti_hashes()
     total = job.steps * job.n
-    images = []
-    for index in range(job.n):
-        seed = job.seed + index
+    writes = PendingWrites()
+    seeds = [job.seed + index for index in range(job.n)]
+    first = 0  # index of the current batch's first picture
 
-        def on_step(done: int, _steps: int, index: int = index) -> None:
+    def run(batch: list[int]) -> list[Any]:
+        def on_step(done: int, _steps: int) -> None:
             if cancel_event is not None and cancel_event.is_set():
-                raise Cancelled(f"generate: cancelled at step {done} of {job.steps} (picture {index + 1} of "
-                                f"{job.n})")
+                raise Cancelled(f"generate: cancelled at step {done} of {job.steps} (picture {first + 1}"
+                                f"{f'-{first + len(batch)}' if len(batch) > 1 else ''} of {job.n})")
             if on_progress is not None:
-                on_progress(index * job.steps + done, total, index)
+                on_progress(first * job.steps + done * len(batch), total, first)
 
         if cancel_event is not None and cancel_event.is_set():
-            raise Cancelled(f"generate: cancelled before picture {index + 1} of {job.n}")
-        image = sample(model, cond, steps=job.steps, cfg=job.cfg, width=job.width, height=job.height, seed=seed,
-                       on_step=on_step)
-        text = build_parameters(prompt=job.prompt, negative=job.negative, steps=job.steps, sampler=job.sampler,
-                                cfg=job.cfg, seed=seed, width=job.width, height=job.height,
-                                model_hash=model.model_hash, model=model_label(model), clip_skip=job.clip_skip,
-                                ti_hashes=ti_hashes)
-        info = png_text_chunks(text)
-        path = outputs.save(lambda tmp, image=image, info=info: image.save(tmp, format="PNG", pnginfo=info), seed)
-        images.append({"path": str(path), "seed": seed})
-    return {"images": images, "tokens": cond.budget, "elapsed_s": round(time.monotonic() - started, 4)}
+            raise Cancelled(f"generate: cancelled before picture {first + 1} of {job.n}")
+        return sample_batch(model, cond, steps=job.steps, cfg=job.cfg, width=job.width, height=job.height,
+                            seeds=batch, on_step=on_step)
+
+    size = pictures_per_batch(model, job.width, job.height, job.n)
+    for batch, images in in_batches(seeds, size, run):
+        for seed, image in zip(batch, images, strict=True):
+            text = build_parameters(prompt=job.prompt, negative=job.negative, steps=job.steps,
+                                    sampler=job.sampler, cfg=job.cfg, seed=seed, width=job.width,
+                                    height=job.height, model_hash=model.model_hash, model=model_label(model),
+                                    clip_skip=job.clip_skip, ti_hashes=ti_hashes)
+            writes.add(outputs, image, text, seed)
+        first += len(batch)
+    return PendingGeneration(writes, {"tokens": cond.budget}, started)

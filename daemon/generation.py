@@ -1,4 +1,4 @@
-"""The ``generate`` request: validate on the event loop, then queue :func:`run_generation` on the device.
+"""The ``generate`` request: validate on the event loop, then queue :func:`start_generation` on the device.
 
 The handler validates everything on the event loop (parameters, sampler name, size, the prompt's
 ``<names>``) so a mistake is answered at once, even while the device is busy; only then does the work
@@ -8,12 +8,13 @@ queue on the device thread. The work itself (``core/generation.py``) and the out
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from typing import Any
 
 from sdrepl.core.budget import prompt_budget
-from sdrepl.core.generation import GenerationJob, run_generation
+from sdrepl.core.generation import GenerationJob, PendingGeneration, start_generation
 from sdrepl.core.limits import LIMITS, MAX_SEED
 from sdrepl.core.outputs import output_folder
 from sdrepl.core.prompt import PromptOptions
@@ -76,12 +77,14 @@ async def generate(ctx: DaemonContext, params: dict, req: Request) -> dict:
         queued = time.monotonic()
         started: list[float] = []
 
-        def work() -> dict[str, Any]:
+        def work() -> PendingGeneration:
             started.append(time.monotonic())
-            return run_generation(model, ctx.library, job, output_folder(ctx.settings.outputs),
-                                  cancel_event=req.cancel_event, on_progress=progress)
+            return start_generation(model, ctx.library, job, output_folder(ctx.settings.outputs),
+                                    cancel_event=req.cancel_event, on_progress=progress)
 
-        result = await ctx.worker.run(work, cancel_event=req.cancel_event, label="generate")
+        pending = await ctx.worker.run(work, cancel_event=req.cancel_event, label="generate")
+        # The device is free for the next request now; the reply waits for the writer thread's files.
+        result = await asyncio.to_thread(pending.wait)
     result["seed"] = job.seed
     result["random_seed"] = random_seed
     result["queued_s"] = round((started[0] if started else queued) - queued, 4)
