@@ -109,6 +109,20 @@ def atomic_writer(path: Path | str, *, overwrite: bool = True) -> Iterator[Path]
         raise
 
 
+def write_error_text(exc: OSError, path: Path | str) -> str:
+    """What a failed write of ``path`` tells the user: "no space left" (naming the folder) for a full disk
+    or quota, else the system's words. A user's condition, not a program error."""
+    folder = Path(path).parent
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        what = "no space left" if exc.errno == errno.ENOSPC else "no space left within your disk quota"
+        return f"{what} on the disk holding {folder}; free some space there (or write elsewhere) and try again"
+    if exc.errno == errno.EROFS:
+        return f"{folder} is on a read-only file system"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"no permission to write in {folder}"
+    return f"cannot write in {folder} ({exc.strerror or exc})"
+
+
 def atomic_write_bytes(path: Path | str, data: bytes, *, overwrite: bool = True) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_writer`)."""
     with atomic_writer(path, overwrite=overwrite) as tmp, open(tmp, "wb") as fh:

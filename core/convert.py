@@ -22,6 +22,11 @@ serves one of them deterministically (the shallower, then the first by path) and
 reachable as ``<folder/trigger>``; prompts give the same result either way. Move or delete the original
 once the copy is what you want. An existing output is replaced only with ``overwrite`` (``--overwrite``).
 
+Safety: the trigger can come from inside the file; a name that is not a valid name is never used as one
+(see ``core/names.py``), and the writers refuse any output beside the original that resolves outside
+the original's folder (``..``, links), so a hostile name cannot write elsewhere. A failed write (a full
+disk) says "no space left" with the folder, and a ``diffusers`` folder created for it is removed again.
+
 Command line: ``python -m sdrepl.core.convert FILE --to pt [--overwrite] [--output PATH]``.
 """
 
@@ -34,8 +39,14 @@ from pathlib import Path
 
 from sdrepl.core.embedding import Embedding
 from sdrepl.core.errors import EmbeddingError
-from sdrepl.core.formats import decide_trigger, read_embedding, write_embedding, write_png_card
-from sdrepl.core.hashing import sha256_file
+from sdrepl.core.formats import (
+    decide_trigger,
+    read_embedding_bytes,
+    read_file_bytes,
+    write_embedding,
+    write_png_card,
+)
+from sdrepl.core.hashing import sha256_bytes
 
 TARGETS = ("safetensors", "pt", "diffusers", "png")
 
@@ -58,6 +69,7 @@ def convert_embedding(emb: Embedding, to: str, *, overwrite: bool = False, outpu
     one vector set and is refused with the route diffusers loads a pair by).
     """
     target = Path(output) if output is not None else output_path(emb, to)
+    within = None if output is not None else emb.path.parent  # an explicit --output is the user's choice
     if target.exists() and target.resolve() == emb.path.resolve():
         raise EmbeddingError(emb.path, f"is already a {to} file; nothing to convert")
     data = emb.data
@@ -65,26 +77,23 @@ def convert_embedding(emb: Embedding, to: str, *, overwrite: bool = False, outpu
         return write_png_card(
             target, data.vectors, name=emb.trigger, step=data.step, preview=None,
             checkpoint_hash=data.checkpoint_hash, checkpoint_name=data.checkpoint_name, overwrite=overwrite,
+            within=within,
         )
     if to not in TARGETS:
         raise EmbeddingError(emb.path, f"cannot convert to {to!r}; expected one of {', '.join(TARGETS)}")
     return write_embedding(
         target, data.vectors, to, name=emb.trigger, step=data.step, checkpoint_hash=data.checkpoint_hash,
-        checkpoint_name=data.checkpoint_name, init_text=data.init_text, overwrite=overwrite,
+        checkpoint_name=data.checkpoint_name, init_text=data.init_text, overwrite=overwrite, within=within,
     )
 
 
 def embedding_from_file(path: Path) -> Embedding:
     """Read one file into an :class:`Embedding` outside any library (trigger per spec section 4)."""
     path = Path(path)
-    data = read_embedding(path)
+    raw, st = read_file_bytes(path)  # one bounded, non-blocking read for the parse and the hash
+    data = read_embedding_bytes(path, raw)
     trigger = decide_trigger(path, data)
-    try:
-        digest = sha256_file(path)
-    except OSError as exc:
-        raise EmbeddingError(path, f"cannot read the file ({exc.strerror or exc})") from None
-    st = path.stat()
-    return Embedding(trigger, trigger, path, data, digest, st.st_size, st.st_mtime_ns)
+    return Embedding(trigger, trigger, path, data, sha256_bytes(raw), st.st_size, st.st_mtime_ns)
 
 
 def convert_file(path: Path, to: str, *, overwrite: bool = False, output: Path | None = None) -> Path:
@@ -111,6 +120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse printed the usage error
         return 0 if exc.code in (0, None) else 2
+    from sdrepl.core.dependencies import torch_problem
+
+    unsafe = torch_problem()
+    if unsafe is not None:
+        print(f"sdrepl: {unsafe}", file=sys.stderr)
+        return 2
     try:
         written = convert_file(args.file, args.to, overwrite=args.overwrite, output=args.output)
     except EmbeddingError as exc:

@@ -16,6 +16,7 @@ import torch
 from sdrepl.core.embedding import CLIP_G, CLIP_L, SINGLE, Embedding, EmbeddingData, Skipped
 from sdrepl.core.errors import IncompatibleEmbedding
 from sdrepl.core.formats import decide_trigger
+from sdrepl.core.formats.layouts import ignored_inner_name
 
 
 def incompatibility(data: EmbeddingData, widths: dict[str, int], model_label: str) -> str | None:
@@ -139,6 +140,7 @@ def _same_vectors(records: list[Record]) -> bool:
 def build_state(records, dirs, walk_warnings, widths, label, roots) -> LibraryState:
     skipped: list[Skipped] = []
     claims: list[tuple[Record, str]] = []
+    notes: list[str] = []  # inner names not used as triggers
     for rec in sorted(records.values(), key=Record.order):
         if rec.ignored:
             continue
@@ -147,6 +149,9 @@ def build_state(records, dirs, walk_warnings, widths, label, roots) -> LibrarySt
             skipped.append(Skipped(rec.path, reason))
         else:
             claims.append((rec, decide_trigger(rec.path, rec.data)))
+            renamed = ignored_inner_name(rec.path, rec.data)
+            if renamed is not None:
+                notes.append(renamed)
     qualified = _qualify(claims, roots)
     groups: dict[str, list[tuple[Record, str]]] = {}
     for rec, trigger in claims:
@@ -169,7 +174,7 @@ def build_state(records, dirs, walk_warnings, widths, label, roots) -> LibrarySt
             loaded.append(emb)
     loaded.sort(key=lambda e: (e.key, e.qualified.lower(), str(e.path)))
     return LibraryState(records, dirs, tuple(walk_warnings), tuple(loaded), by_trigger, by_qualified, reach,
-                  tuple(skipped), tuple(walk_warnings) + tuple(warnings))
+                  tuple(skipped), tuple(walk_warnings) + tuple(notes) + tuple(warnings))
 
 
 def diff(old: LibraryState, new: LibraryState) -> LibraryChange:

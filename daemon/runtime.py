@@ -152,6 +152,11 @@ def run_daemon(settings: Settings) -> int:
     if len(os.fsencode(str(settings.socket))) > SOCKET_PATH_MAX:
         return _fail(f"--socket {settings.socket} is too long for a Unix socket ({SOCKET_PATH_MAX} bytes at most); "
                      "choose a shorter path", 2)
+    from sdrepl.core.dependencies import torch_problem
+
+    unsafe = torch_problem()
+    if unsafe is not None:
+        return _fail(unsafe, 2)
     configure_logging()
     lock = SocketLock(settings.socket)
     if not lock.acquire():

@@ -18,6 +18,7 @@ import torch
 from sdrepl.core.embedding import CLIP_G, CLIP_L, MAX_VECTORS, SINGLE, EmbeddingData
 from sdrepl.core.errors import EmbeddingError
 from sdrepl.core.formats.common import GENERIC_STEM, describe_keys, describe_value
+from sdrepl.core.names import name_problem
 
 EXPECTED = (
     "expected one of: A1111 {string_to_param: {'*': [N, D]}, ...}, diffusers {'<token>': [N, D] or [D]}, "
@@ -109,8 +110,17 @@ def _info(source: Mapping, metadata: Mapping[str, str] | None) -> dict[str, obje
 
 
 def _data(vectors: dict, fmt: str, info: dict, name_from_inner: bool) -> EmbeddingData:
-    """EmbeddingData whose trigger comes from the inner name when the container says so and there is one."""
-    return EmbeddingData(vectors, fmt, name_from_file=name_from_inner and bool(info["inner_name"]), **info)
+    """EmbeddingData whose trigger comes from the inner name when the container says so and there is a
+    usable one (:func:`usable_inner_name`)."""
+    return EmbeddingData(vectors, fmt, name_from_file=name_from_inner and usable_inner_name(info["inner_name"]),
+                         **info)
+
+
+def usable_inner_name(name: str | None) -> bool:
+    """Whether a name found inside a file may be the trigger: the rule of :mod:`sdrepl.core.names`, the same
+    as for names the user types. A name that breaks it (``../../x``, ``x\x1b]2;..``) is not used: the file
+    answers to its file name instead (sanitised by falling back, so the file stays usable)."""
+    return bool(name) and name_problem(name) is None
 
 
 def _reject_extra_tensors(obj: Mapping, allowed: set[str], path: Path, layout: str) -> None:
@@ -216,7 +226,8 @@ def _diffusers(obj: Mapping, path: Path, container: str, metadata, name_from_inn
     generic = bool(GENERIC_STEM.match(path.stem))
     info["inner_name"] = inner
     return EmbeddingData(
-        {SINGLE: vectors}, f"{container}/diffusers", name_from_file=bool(inner) and (generic or name_from_inner), **info
+        {SINGLE: vectors}, f"{container}/diffusers", name_from_file=usable_inner_name(inner) and (generic or name_from_inner),
+        **info,
     )
 
 
@@ -224,7 +235,8 @@ def decide_trigger(path: Path, data: EmbeddingData) -> str:
     """The trigger of a file (spec section 4): the stem, unless the file itself names the embedding.
 
     Image cards use their inner name; generic ``learned_embeds[-steps-K]`` stems use the token inside
-    (without ``<>``) or, failing that, the parent folder's name. Renaming a file renames its trigger.
+    (without ``<>``) or, failing that, the parent folder's name. An inner name that is not a valid name
+    (:func:`usable_inner_name`) counts as absent. Renaming a file renames its trigger.
     """
     if data.name_from_file and data.inner_name:
         return data.inner_name
@@ -232,3 +244,17 @@ def decide_trigger(path: Path, data: EmbeddingData) -> str:
     if GENERIC_STEM.match(stem) and path.parent.name:
         return path.parent.name
     return stem
+
+
+def ignored_inner_name(path: Path, data: EmbeddingData) -> str | None:
+    """A warning when the file's inner name would be its trigger but is not a valid name, else None."""
+    inner = data.inner_name
+    if not inner or usable_inner_name(inner):
+        return None
+    card = data.format.split("/")[0].endswith(("-text", "-pixels"))
+    if not (card or (GENERIC_STEM.match(path.stem) and data.format.endswith("/diffusers"))):
+        return None
+    from sdrepl.core.display import visible
+
+    return (f"{path}: the name inside the file ({visible(repr(inner))}) is not a usable name "
+            f"({name_problem(inner)}); it answers to <{visible(decide_trigger(path, data))}> instead")

@@ -17,13 +17,16 @@ existing file is replaced only with ``overwrite=True``.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from sdrepl import __version__
-from sdrepl.core.atomic import atomic_write_bytes, atomic_writer
+from sdrepl.core.atomic import atomic_write_bytes, atomic_writer, write_error_text
 from sdrepl.core.embedding import CLIP_G, CLIP_L, MAX_VECTORS, SINGLE
 from sdrepl.core.errors import EmbeddingError
 from sdrepl.core.formats.common import describe_value
@@ -67,8 +70,15 @@ def _checked_vectors(path: Path, vectors: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def _target(path: Path | str, fmt: str, overwrite: bool) -> Path:
-    """Check the format and suffix (adding the default suffix when there is none) and the overwrite rule."""
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` (resolved, links followed) lies inside ``folder``: no ``..``, no link leading out."""
+    real_folder = os.path.realpath(folder)
+    return os.path.realpath(path).startswith(real_folder.rstrip(os.sep) + os.sep)
+
+
+def _target(path: Path | str, fmt: str, overwrite: bool, within: Path | None = None) -> Path:
+    """Check the format and suffix (adding the default suffix when there is none), that the destination is
+    inside ``within`` (when given) and the overwrite rule. Creates nothing."""
     path = Path(path)
     if fmt not in SUFFIXES:
         raise EmbeddingError(path, f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -79,24 +89,46 @@ def _target(path: Path | str, fmt: str, overwrite: bool) -> Path:
         raise EmbeddingError(
             path, f"a {fmt} file must be named *{' or *'.join(allowed)}, not *{path.suffix}; change the name or the format"
         )
+    if within is not None and not _inside(path, within):
+        raise EmbeddingError(path, f"refusing to write outside {within}: the name leads out of the folder "
+                             "(a '..', a '/' or a symbolic link in it)")
     if path.exists() and not overwrite:
         raise EmbeddingError(path, "already exists; pass --overwrite to replace it, or choose another name")
     if path.is_dir():
         raise EmbeddingError(path, "is a folder; give a file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise EmbeddingError(path, f"cannot create the folder {path.parent} ({exc.strerror or exc})") from None
     return path
 
 
-def _publish(path: Path, data: bytes, overwrite: bool) -> None:
+@contextlib.contextmanager
+def _new_folders(path: Path) -> Iterator[None]:
+    """Create ``path``'s missing parent folders; remove those created here again if the block fails
+    (a failed ``--to diffusers`` leaves no empty ``<name>/`` folder behind)."""
+    missing: list[Path] = []
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
     try:
-        atomic_write_bytes(path, data, overwrite=overwrite)
-    except FileExistsError:
-        raise EmbeddingError(path, "already exists; pass --overwrite to replace it, or choose another name") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise EmbeddingError(path, f"cannot write the file ({exc.strerror or exc})") from None
+        raise EmbeddingError(path, f"cannot create the folder {path.parent}: {write_error_text(exc, path.parent / 'x')}") from None
+    try:
+        yield
+    except BaseException:
+        for created in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                created.rmdir()
+        raise
+
+
+def _publish(path: Path, data: bytes, overwrite: bool) -> None:
+    with _new_folders(path):
+        try:
+            atomic_write_bytes(path, data, overwrite=overwrite)
+        except FileExistsError:
+            raise EmbeddingError(path, "already exists; pass --overwrite to replace it, or choose another name") from None
+        except OSError as exc:
+            raise EmbeddingError(path, write_error_text(exc, path)) from None
 
 
 def a1111_dict(vectors: torch.Tensor, name: str, step, checkpoint_hash, checkpoint_name) -> dict:
@@ -135,16 +167,19 @@ def write_embedding(
     checkpoint_name: str | None = None,
     init_text: str | None = None,
     overwrite: bool = False,
+    within: Path | None = None,
 ) -> Path:
     """Write ``vectors`` to ``path`` in ``fmt`` (see module docstring) atomically; return the path written.
 
     A path without a suffix gets the format's default one. Raises EmbeddingError when the file exists
-    (and ``overwrite`` is false), the suffix does not match the format, the vectors are invalid, or the
-    format cannot hold them (``diffusers`` holds single-encoder vectors only).
+    (and ``overwrite`` is false), the suffix does not match the format, the vectors are invalid, the
+    format cannot hold them (``diffusers`` holds single-encoder vectors only), the destination resolves
+    outside ``within`` (give it whenever a name from a file or a user chose the path), or the disk is full
+    (the message names the folder; folders created for the file are removed again).
     """
     if fmt == "png":
         raise EmbeddingError(path, "use write_png_card for picture cards")
-    path = _target(path, fmt, overwrite)
+    path = _target(path, fmt, overwrite, within)
     checked = _checked_vectors(path, vectors)
     count = next(iter(checked.values())).shape[0]
     meta = _metadata(name, step, checkpoint_hash, checkpoint_name, init_text, count)
@@ -189,20 +224,21 @@ def write_png_card(
     checkpoint_hash: str | None = None,
     checkpoint_name: str | None = None,
     overwrite: bool = False,
+    within: Path | None = None,
 ) -> Path:
     """Write an A1111 image embedding (``.png``: text chunk + data cube; ``.webp``: lossless, data cube).
 
     ``preview`` is the picture shown in the middle (a plain one with the name is drawn when None).
     Raises EmbeddingError like :func:`write_embedding`; SDXL pairs cannot be written as cards.
     """
-    path = _target(path, "png", overwrite)
+    path = _target(path, "png", overwrite, within)
     checked = _checked_vectors(path, vectors)
     if SINGLE not in checked:
         raise EmbeddingError(path, "picture cards hold single-encoder embeddings only; save SDXL pairs as .safetensors")
     card = a1111_dict(checked[SINGLE], name, step, checkpoint_hash, checkpoint_name)
     image = build_card_image(card, checked[SINGLE], preview if preview is not None else default_preview(name, step), path)
     try:
-        with atomic_writer(path, overwrite=overwrite) as tmp:
+        with _new_folders(path), atomic_writer(path, overwrite=overwrite) as tmp:
             if path.suffix.lower() == ".webp":
                 image.save(tmp, format="WEBP", lossless=True, quality=100, exact=True)
             else:
@@ -214,5 +250,5 @@ def write_png_card(
     except FileExistsError:
         raise EmbeddingError(path, "already exists; pass --overwrite to replace it, or choose another name") from None
     except OSError as exc:
-        raise EmbeddingError(path, f"cannot write the picture ({exc.strerror or exc})") from None
+        raise EmbeddingError(path, write_error_text(exc, path)) from None
     return path

@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from sdrepl.core.display import visible
 from sdrepl.core.errors import TrainingError
+from sdrepl.core.names import name_problem
 from sdrepl.core.training.schedule import parse_schedule
 from sdrepl.core.training.templates import BUILTIN, template_for_property
 
@@ -28,7 +30,6 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 FORMATS = ("safetensors", "pt")
 #: Request keys that are not training options (the protocol envelope and the handler's own flags).
 ENVELOPE = frozenset({"id", "type", "wait"})
-_BAD_NAME = re.compile(r"[\s/\\<>:\"|?*]")
 
 
 @dataclass(frozen=True)
@@ -182,10 +183,11 @@ def _choice(options: tuple[str, ...]):
 def check_name(value: Any, command: str = "!train") -> str:
     """An embedding name usable as a file name and a ``<name>``, or a TrainingError saying why not."""
     text = _str("name", value).strip()
-    if not text or text.startswith(".") or _BAD_NAME.search(text):
+    problem = name_problem(text)
+    if problem is not None:
         raise TrainingError(
-            f"{command} {value!r}: not a usable embedding name; use letters, digits, '-', '_' and '.', no spaces "
-            "or slashes (the name becomes the file name and the <name> of prompts)"
+            f"{command} {visible(repr(value))}: not a usable embedding name ({problem}); use letters, digits, '-', "
+            "'_' and '.', no spaces or slashes (the name becomes the file name and the <name> of prompts)"
         )
     return text
 
