@@ -37,6 +37,8 @@ class EmbeddingData:
     init_text: str | None = None
     #: Whether the trigger comes from the file (PNG cards, generic ``learned_embeds`` files) not the stem.
     name_from_file: bool = False
+    #: The LoRA file that bundles this embedding (``bundle_emb.*``, cloneofsimo ``<s1>``), or None.
+    source: str | None = None
 
     @property
     def num_vectors(self) -> int:
@@ -93,6 +95,7 @@ class Embedding:
             "step": self.data.step,
             "checkpoint": self.data.checkpoint_name or self.data.checkpoint_hash,
             "init_text": self.data.init_text,
+            "source": self.data.source,
         }
 
 

@@ -84,10 +84,12 @@ def run_generation(
     *,
     cancel_event: threading.Event | None = None,
     on_progress: Callable[[int, int, int], None] | None = None,
+    networks: Any = None,
 ) -> dict[str, Any]:
     """Make ``job.n`` pictures on the calling (device) thread and wait for their files;
-    ``on_progress(step, total, image)``."""
-    return start_generation(model, lookup, job, outputs, cancel_event=cancel_event, on_progress=on_progress).wait()
+    ``on_progress(step, total, image)``. ``networks``: see :func:`start_generation`."""
+    return start_generation(model, lookup, job, outputs, cancel_event=cancel_event, on_progress=on_progress,
+                            networks=networks).wait()
 
 
 class PendingGeneration:
@@ -111,19 +113,29 @@ def start_generation(
     *,
     cancel_event: threading.Event | None = None,
     on_progress: Callable[[int, int, int], None] | None = None,
+    networks: Any = None,
 ) -> PendingGeneration:
     """The device work of :func:`run_generation`: ``job.n`` pictures in as few batches as the device holds
     (``core.batching``; picture ``i`` uses seed ``seed + i`` and is the picture a batch of one makes),
-    each handed to the writer thread (``core.picture_writer``) as soon as it is decoded."""
+    each handed to the writer thread (``core.picture_writer``) as soon as it is decoded.
+
+    ``networks`` is the prompt's :class:`~sdrepl.core.networks.use.NetworkPlan` (its text has the
+    ``<lora:...>`` tags cut out); None means a prompt without tags. Either way the model carries exactly
+    those networks for this job and nothing else (a plan without LoRAs is the untouched model).
+    """
     from sdrepl.core.batching import in_batches, pictures_per_batch
     from sdrepl.core.conditioning import encode_prompts
+    from sdrepl.core.networks.use import activate
     from sdrepl.core.samplers import make_scheduler, sample_batch
 
     started = time.monotonic()
     pipe = model.pipe
     pipe.scheduler = make_scheduler(job.sampler, pipe.scheduler.config)
     recorder = RecordingLookup(lookup)
-    cond = encode_prompts(model, job.prompt, job.negative, recorder, PromptOptions(clip_skip=job.clip_skip))
+    activate(pipe, networks)
+    prompt_text = networks.text if networks is not None else job.prompt
+    cond = encode_prompts(model, prompt_text, job.negative, recorder, PromptOptions(clip_skip=job.clip_skip))
+    extra = networks.parameters() if networks is not None else {}
     ti_hashes = recorder.ti_hashes()
     total = job.steps * job.n
     writes = PendingWrites()
@@ -149,7 +161,8 @@ def start_generation(
             text = build_parameters(prompt=job.prompt, negative=job.negative, steps=job.steps,
                                     sampler=job.sampler, cfg=job.cfg, seed=seed, width=job.width,
                                     height=job.height, model_hash=model.model_hash, model=model_label(model),
-                                    clip_skip=job.clip_skip, ti_hashes=ti_hashes)
+                                    clip_skip=job.clip_skip, ti_hashes=ti_hashes, extra=extra)
             writes.add(outputs, image, text, seed)
         first += len(batch)
-    return PendingGeneration(writes, {"tokens": cond.budget}, started)
+    loras = networks.describe() if networks is not None else []
+    return PendingGeneration(writes, {"tokens": cond.budget, "loras": loras}, started)

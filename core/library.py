@@ -22,6 +22,7 @@ take the current state and return fresh lists, so the daemon never sees half an 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import os
@@ -29,7 +30,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
-from sdrepl.core.embedding import Embedding, Skipped
+from sdrepl.core.embedding import Embedding, EmbeddingData, Skipped
 from sdrepl.core.errors import EmbeddingError
 from sdrepl.core.formats import NotAnEmbedding, is_candidate, read_embedding_bytes
 from sdrepl.core.formats import read_file_bytes as _read_file_bytes
@@ -84,6 +85,8 @@ class EmbeddingLibrary:
         self._widths = dict(encoder_widths)
         self._label = model_label
         self._state = LibraryState()
+        #: Embeddings bundled in LoRA files (see :meth:`set_bundled`), as records under pseudo paths.
+        self._bundled: dict[Path, Record] = {}
         self._lock = threading.Lock()  # guards the swap of _state / version
         self._write_lock = threading.RLock()  # serialises mutations
 
@@ -300,7 +303,26 @@ class EmbeddingLibrary:
         except Exception as exc:  # a reader bug: the daemon stays up, the file is skipped and the bug logged
             return Record(**base, error=_read_failure(path, exc), sha256=sha)
 
+    def set_bundled(self, bundles: dict[Path, tuple[str, dict[str, EmbeddingData]]]) -> LibraryChange:
+        """The embeddings LoRA files bundle: ``{lora path: (file hash, {name: data})}``, all of them.
+
+        They are usable while their LoRA file is in its folder (A1111 1.7+), under the name stored in the
+        file, and ``<lora-stem/name>`` when the name collides; a real embedding file wins a collision.
+        """
+        with self._write_lock:
+            fresh: dict[Path, Record] = {}
+            for lora, (digest, named) in sorted(bundles.items()):
+                for name, data in sorted(named.items()):
+                    path = Path(f"{lora}#{name}")
+                    fresh[path] = Record(path, 0, PurePosixPath(lora.stem, name), 0, 0,
+                                         data=dataclasses.replace(data, source=str(lora)), sha256=digest)
+            self._bundled = fresh
+            old = self._state
+            return self._commit(old, dict(old.records), dict(old.dirs), old.walk_warnings)
+
     def _commit(self, old: LibraryState, records: dict[Path, Record], dirs: dict[str, Path], walk: tuple[str, ...]):
+        records = {p: r for p, r in records.items() if r.data is None or not r.data.source}
+        records.update(self._bundled)
         new = build_state(records, dirs, walk, self._widths, self._label, self.folders)
         change = diff(old, new)
         with self._lock:

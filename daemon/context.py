@@ -35,6 +35,9 @@ class DaemonContext:
     #: The running training job (set by the training handlers); its ``shutdown()`` runs on daemon stop.
     training: object | None = None
     residency: ModelResidency | None = None
+    #: The LoRA and hypernetwork libraries (``core.networks.NetworkLibrary``; set by ``daemon.networks``).
+    loras: Any = None
+    hypernetworks: Any = None
     #: Where tracebacks of internal errors go, as a phrase for error messages ("see ...").
     log_hint: str = "the daemon's log"
     started: float = field(default_factory=time.time)

@@ -14,12 +14,14 @@ import time
 from typing import Any
 
 from sdrepl.core.budget import prompt_budget
+from sdrepl.core.errors import NetworkError
 from sdrepl.core.generation import GenerationJob, PendingGeneration, start_generation
 from sdrepl.core.limits import LIMITS, MAX_SEED
 from sdrepl.core.outputs import output_folder
 from sdrepl.core.prompt import PromptOptions
 from sdrepl.core.samplers import DEFAULT_SAMPLER, find_sampler
 from sdrepl.daemon.context import DaemonContext
+from sdrepl.daemon.networks import mark_broken, plan_for
 from sdrepl.daemon.params import Params
 from sdrepl.daemon.protocol import BadRequest
 from sdrepl.daemon.registry import Request, handler
@@ -69,7 +71,11 @@ async def generate(ctx: DaemonContext, params: dict, req: Request) -> dict:
         # An unknown <name> is answered now, not after the queue (the device may be busy for a while).
         # On the loop, not in a thread: a budget takes well under a millisecond with a warm cache, and
         # a thread pool would let two requests reach the device queue in another order than they came.
-        prompt_budget(job.prompt, job.negative, model.tokenizer, ctx.library, PromptOptions(clip_skip=job.clip_skip))
+        # Extra-network tags are cut from the raw prompt first (they cost no tokens); unknown names and
+        # tags in the negative prompt are answered here too.
+        networks = plan_for(ctx, job.prompt, job.negative)
+        prompt_budget(networks.text, job.negative, model.tokenizer, ctx.library,
+                      PromptOptions(clip_skip=job.clip_skip))
 
         def progress(step: int, total: int, image: int) -> None:
             req.send_event("progress", request=req.id, step=step, total=total, image=image, images=job.n)
@@ -80,9 +86,13 @@ async def generate(ctx: DaemonContext, params: dict, req: Request) -> dict:
         def work() -> PendingGeneration:
             started.append(time.monotonic())
             return start_generation(model, ctx.library, job, output_folder(ctx.settings.outputs),
-                                    cancel_event=req.cancel_event, on_progress=progress)
+                                    cancel_event=req.cancel_event, on_progress=progress, networks=networks)
 
-        pending = await ctx.worker.run(work, cancel_event=req.cancel_event, label="generate")
+        try:
+            pending = await ctx.worker.run(work, cancel_event=req.cancel_event, label="generate")
+        except NetworkError as exc:
+            mark_broken(ctx, networks, exc)
+            raise
         # The device is free for the next request now; the reply waits for the writer thread's files.
         result = await asyncio.to_thread(pending.wait)
     result["seed"] = job.seed

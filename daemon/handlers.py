@@ -143,7 +143,15 @@ async def tokens(ctx: DaemonContext, params: dict, req: Request) -> dict:
     p.finish()
     assert ctx.residency is not None
     options = PromptOptions(clip_skip=clip_skip)
-    return await asyncio.to_thread(prompt_budget, prompt, negative, ctx.residency.tokenizer, ctx.library, options)
+    from sdrepl.daemon.networks import plan_for
+
+    networks = plan_for(ctx, prompt, negative)  # tags cost no tokens: cut before the budget
+    result = await asyncio.to_thread(prompt_budget, networks.text, negative, ctx.residency.tokenizer, ctx.library,
+                                     options)
+    if networks.loras or networks.hypernets:
+        result["loras"] = networks.describe()
+        result["hypernetworks"] = [{"name": networks.names[n.key], "strength": w} for n, w in networks.hypernets]
+    return result
 
 
 @handler("embeddings")
@@ -179,7 +187,9 @@ async def reload(ctx: DaemonContext, params: dict, req: Request) -> dict:
     Params(params, "reload").finish()
     change = await asyncio.to_thread(ctx.library.scan)
     ctx.apply_library_change(change)
-    return {"change": change.describe(), "version": ctx.library.version}
+    from sdrepl.daemon.networks import reload_networks
+
+    return {"change": change.describe(), "version": ctx.library.version, **(await reload_networks(ctx))}
 
 
 @handler("convert")

@@ -231,6 +231,9 @@ async def _serve(settings: Settings, box: list[Any]) -> int:
         "model", state=state, model=desc, message=message))
     del model  # residency owns it now (keep-alive must be able to free it)
     watcher = FolderWatcher(settings.embeddings, library, ctx.apply_library_change)
+    from sdrepl.daemon.networks import start_networks
+
+    network_watchers: list[Any] = []
     worker.start()
     server = DaemonServer(ctx)
     try:
@@ -240,6 +243,7 @@ async def _serve(settings: Settings, box: list[Any]) -> int:
                  len(library.skipped()), ", ".join(map(str, library.folders)), watcher.mode)
         for warning in change.warnings:
             log.warning("embeddings: %s", warning)
+        network_watchers = await asyncio.to_thread(start_networks, ctx, ctx.residency.model)
         load_handlers()
         remove_files(settings)  # stale ones: we hold the lock and nobody answered
         await server.listen(settings.socket)
@@ -252,6 +256,8 @@ async def _serve(settings: Settings, box: list[Any]) -> int:
     finally:
         remove_files(settings)
         watcher.stop()
+        for extra in network_watchers:
+            extra.stop()
         worker.stop(timeout=1.0)
     log.info("stopped")
     return 0

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from sdrepl.core.errors import TrainingError
+from sdrepl.core.networks.use import activate as activate_networks
 from sdrepl.core.training.trainer import Trainer
 from sdrepl.daemon.context import DaemonContext
 
@@ -104,6 +105,8 @@ class TrainingJob:
                 self._set_state("paused")
                 return False
             try:
+                # Generations between steps may have left LoRAs on the model: training sees the plain model.
+                activate_networks(self.trainer.pipe, None)
                 if self.state == "starting":
                     if self.trainer.prepare_step():
                         return True

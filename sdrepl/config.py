@@ -48,6 +48,8 @@ class Settings:
     socket: Path = field(default_factory=default_socket)
     model: str = "tiny"
     embeddings: list[Path] = field(default_factory=lambda: [Path("embeddings")])
+    loras: list[Path] = field(default_factory=lambda: [Path("loras")])
+    hypernetworks: list[Path] = field(default_factory=lambda: [Path("hypernetworks")])
     outputs: Path = Path("outputs")
     device: str = "auto"
     dtype: str = "auto"
@@ -69,6 +71,8 @@ class Settings:
             socket=self.socket.expanduser().absolute(),
             model=self.model,
             embeddings=[p.expanduser().absolute() for p in self.embeddings],
+            loras=[p.expanduser().absolute() for p in self.loras],
+            hypernetworks=[p.expanduser().absolute() for p in self.hypernetworks],
             outputs=self.outputs.expanduser().absolute(),
             device=self.device,
             dtype=self.dtype,
@@ -82,6 +86,10 @@ class Settings:
                 "--keep-alive", "forever" if self.keep_alive is None else str(self.keep_alive)]
         for folder in self.embeddings:
             args += ["--embeddings", str(folder)]
+        for folder in self.loras:
+            args += ["--loras", str(folder)]
+        for folder in self.hypernetworks:
+            args += ["--hypernetworks", str(folder)]
         return args
 
 
@@ -94,6 +102,10 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
                         help="tiny, tiny-sd2, tiny-sdxl, a diffusers folder, a .safetensors/.ckpt file, or a hub id")
     parser.add_argument("--embeddings", type=Path, action="append", default=None,
                         help="an embeddings folder (repeatable; default ./embeddings)")
+    parser.add_argument("--loras", type=Path, action="append", default=None,
+                        help="a LoRA / LyCORIS folder (repeatable; default ./loras)")
+    parser.add_argument("--hypernetworks", type=Path, action="append", default=None,
+                        help="a hypernetwork folder (repeatable; default ./hypernetworks)")
     parser.add_argument("--outputs", type=Path, default=Path(env("SDREPL_OUTPUTS", "outputs")),
                         help="where pictures are written (default ./outputs)")
     parser.add_argument("--device", default=env("SDREPL_DEVICE", "auto"), help="auto, cuda, cuda:N, mps or cpu")
@@ -102,15 +114,22 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
                         help="how long the model stays loaded after the last request (30s, 5m, forever)")
 
 
+def _folders(given: list[Path] | None, variable: str, default: str) -> list[Path]:
+    """Repeated ``--option DIR``, else ``SDREPL_<NAME>`` (``os.pathsep``-separated), else ``./default``."""
+    if given:
+        return list(given)
+    env = os.environ.get(variable)
+    return [Path(p) for p in env.split(os.pathsep) if p] if env else [Path(default)]
+
+
 def settings_from_args(ns: argparse.Namespace) -> Settings:
-    embeddings = ns.embeddings
-    if not embeddings:
-        env = os.environ.get("SDREPL_EMBEDDINGS")
-        embeddings = [Path(p) for p in env.split(os.pathsep) if p] if env else [Path("embeddings")]
+    embeddings = _folders(ns.embeddings, "SDREPL_EMBEDDINGS", "embeddings")
     return Settings(
         socket=ns.socket or default_socket(),
         model=ns.model,
         embeddings=list(embeddings),
+        loras=_folders(getattr(ns, "loras", None), "SDREPL_LORAS", "loras"),
+        hypernetworks=_folders(getattr(ns, "hypernetworks", None), "SDREPL_HYPERNETWORKS", "hypernetworks"),
         outputs=ns.outputs,
         device=ns.device,
         dtype=ns.dtype,

@@ -124,6 +124,7 @@ def make_daemon(root: Path, *, keep_alive: float | None = None, embeddings: list
     emb = root / "embeddings"
     emb.mkdir(parents=True, exist_ok=True)
     settings = Settings(socket=root / "d.sock", model=model, embeddings=embeddings or [emb],
+                        loras=[root / "loras"], hypernetworks=[root / "hypernetworks"],
                         outputs=root / "outputs", device="cpu", dtype="fp32", keep_alive=keep_alive)
     return DaemonProcess(settings, root, extra_args or [])
 
