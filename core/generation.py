@@ -76,6 +76,13 @@ def model_label(model: LoadedModel) -> str:
     return Path(str(model.name).rstrip("/")).stem or str(model.name)
 
 
+def prediction_field(model: LoadedModel) -> dict[str, str]:
+    """``Prediction type`` for the metadata where it is not self-evident: every SD 2.x model (whose 512 and
+    768 releases differ in it) and any model that predicts something other than epsilon."""
+    kind = getattr(model, "prediction_type", "epsilon")
+    return {"Prediction type": kind} if model.family == "sd2" or kind != "epsilon" else {}
+
+
 def run_generation(
     model: LoadedModel,
     lookup: EmbeddingLookup,
@@ -135,7 +142,7 @@ def start_generation(
     activate(pipe, networks)
     prompt_text = networks.text if networks is not None else job.prompt
     cond = encode_prompts(model, prompt_text, job.negative, recorder, PromptOptions(clip_skip=job.clip_skip))
-    extra = networks.parameters() if networks is not None else {}
+    extra = {**prediction_field(model), **(networks.parameters() if networks is not None else {})}
     ti_hashes = recorder.ti_hashes()
     total = job.steps * job.n
     writes = PendingWrites()

@@ -67,6 +67,11 @@ class LoadedModel:
         return FAMILY_LABEL[self.family]
 
     @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts (``epsilon`` / ``v_prediction``), as its scheduler is configured."""
+        return str(self.pipe.scheduler.config.get("prediction_type") or "epsilon")
+
+    @property
     def model_hash(self) -> str:
         """A1111's ``Model hash``: the first 10 hex digits of the sha256 of the weights file.
 
@@ -91,6 +96,7 @@ class LoadedModel:
             "dtype": dtype_name(self.dtype),
             "native_size": self.native_size,
             "encoders": self.encoder_widths,
+            "prediction_type": self.prediction_type,
         }
 
 
@@ -101,11 +107,15 @@ def family_of(pipe: Any) -> str:
     return {768: "sd1", 1024: "sd2"}.get(width, "sd1")
 
 
-def load_model(spec: str, device: str = "auto", dtype: str = "auto", config: Path | None = None) -> LoadedModel:
+def load_model(spec: str, device: str = "auto", dtype: str = "auto", config: Path | None = None,
+               prediction_type: str | None = None) -> LoadedModel:
     """Load ``spec`` (see module docstring) onto the chosen device; raise ModelError/DeviceError on failure.
 
     ``config`` is a diffusers config folder describing a single-file checkpoint of an architecture sdrepl
     does not recognise by itself (see :mod:`sdrepl.core.checkpoints`); it is ignored for other kinds.
+    ``prediction_type`` (``epsilon`` / ``v_prediction``, ``--prediction-type``) overrides what the model's
+    scheduler predicts; without it a single-file SD 2.x checkpoint's is guessed (see ``core.checkpoints``)
+    and other models keep their own config's.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -120,7 +130,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", config: Pat
             pipe = _load_folder(path, spec, dt)
             source = "folder"
         elif path.is_file():
-            pipe = _load_single_file(path, config, dt)
+            pipe = _load_single_file(path, config, dt, prediction_type)
             source = "single-file"
         elif path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin") or spec.startswith((".", "/", "~")):
             raise ModelError(
@@ -142,6 +152,9 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", config: Pat
             native = sample * getattr(pipe, "vae_scale_factor", 8)
         model = LoadedModel(spec, source, family, pipe, dev, dt, native, path if source != "hub" else None)
     model.pipe.set_progress_bar_config(disable=True)
+    scheduler = model.pipe.scheduler
+    if prediction_type and scheduler.config.get("prediction_type") != prediction_type:
+        model.pipe.scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
     if getattr(model.pipe, "safety_checker", None) is not None:
         model.pipe.safety_checker = None
     # Loaded in ``dt`` already: diffusers warns on every ``.to(dtype)``, and converting at load halves the
@@ -181,10 +194,10 @@ def _load_folder(folder: Path, spec: str, dtype: torch.dtype):
         raise ModelError(f"--model {spec}: cannot load the diffusers folder {folder}: {_short(exc)}") from exc
 
 
-def _load_single_file(path: Path, config: Path | None, dtype: torch.dtype):
+def _load_single_file(path: Path, config: Path | None, dtype: torch.dtype, prediction_type: str | None):
     from sdrepl.core.checkpoints import load_single_file
 
-    return load_single_file(path, config=config, dtype=dtype)
+    return load_single_file(path, config=config, dtype=dtype, prediction_type=prediction_type)
 
 
 def _load_hub(spec: str, dtype: torch.dtype):

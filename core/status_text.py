@@ -33,7 +33,8 @@ def format_status(s: dict[str, Any]) -> str:
         f"sdrepl daemon {s.get('version')} (protocol {s.get('protocol')}), pid {s.get('pid')}, "
         f"up {format_duration(s.get('uptime_s') or 0)}, socket {s.get('socket')}",
         (f"model:      {model.get('model')} ({model.get('family')}, {model.get('source')}) on {model.get('device')} "
-         f"{model.get('dtype')}, native {model.get('native_size')}px: {s.get('state')}" if model
+         f"{model.get('dtype')}, native {model.get('native_size')}px, predicts "
+         f"{model.get('prediction_type') or 'epsilon'}: {s.get('state')}" if model
          else f"model:      not loaded: {s.get('state')}"),
         f"memory:     {memory}",
         f"embeddings: {emb.get('loaded')} loaded, {emb.get('skipped')} skipped in "

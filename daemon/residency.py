@@ -116,7 +116,8 @@ class ModelResidency:
         started = time.monotonic()
         try:
             model = await self.worker.run(
-                lambda: load_model(settings.model, settings.device, settings.dtype), label="load model")
+                lambda: load_model(settings.model, settings.device, settings.dtype,
+                                   prediction_type=settings.prediction_type), label="load model")
         except SdreplError as exc:
             self.error = str(exc)
             self._set_state("error", str(exc))

@@ -197,7 +197,8 @@ def _load_initial_model(settings: Settings) -> Any:
     notice.start()
     started = time.monotonic()
     try:
-        model = load_model(settings.model, settings.device, settings.dtype)
+        model = load_model(settings.model, settings.device, settings.dtype,
+                           prediction_type=settings.prediction_type)
     except SdreplError as exc:
         return _fail(str(exc), 2)
     except Exception as exc:

@@ -233,7 +233,7 @@ async def run_quit(session: Session, _: None, started: Started) -> Outcome:
 
 #: A1111 fields that describe a picture without changing how it is made again here (informational).
 INFORMATIONAL_FIELDS = frozenset({"Model hash", "Model", "TI hashes", "Version", "Lora hashes", "Emphasis",
-                                  "VAE hash", "VAE", "Hashes", "Schedule type"})
+                                  "VAE hash", "VAE", "Hashes", "Schedule type", "Prediction type"})
 
 
 def schedule_sampler(p: dict[str, Any]) -> str | None:

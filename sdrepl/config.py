@@ -54,6 +54,8 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     keep_alive: float | None = None  # seconds after the last request; None = forever
+    #: ``epsilon`` / ``v_prediction`` for the model's scheduler; None = guessed (single files) or the model's own.
+    prediction_type: str | None = None
 
     @property
     def connection_file(self) -> Path:
@@ -77,6 +79,7 @@ class Settings:
             device=self.device,
             dtype=self.dtype,
             keep_alive=self.keep_alive,
+            prediction_type=self.prediction_type,
         )
 
     def daemon_args(self) -> list[str]:
@@ -90,6 +93,8 @@ class Settings:
             args += ["--loras", str(folder)]
         for folder in self.hypernetworks:
             args += ["--hypernetworks", str(folder)]
+        if self.prediction_type:
+            args += ["--prediction-type", self.prediction_type]
         return args
 
 
@@ -110,6 +115,9 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
                         help="where pictures are written (default ./outputs)")
     parser.add_argument("--device", default=env("SDREPL_DEVICE", "auto"), help="auto, cuda, cuda:N, mps or cpu")
     parser.add_argument("--dtype", default=env("SDREPL_DTYPE", "auto"), help="auto, fp16, bf16 or fp32")
+    parser.add_argument("--prediction-type", default=env("SDREPL_PREDICTION_TYPE") or None,
+                        help="epsilon or v_prediction: what the model predicts (default: guessed for single-file "
+                             "SD 2.x checkpoints, the model's own config otherwise)")
     parser.add_argument("--keep-alive", default=env("SDREPL_KEEP_ALIVE", "forever"),
                         help="how long the model stays loaded after the last request (30s, 5m, forever)")
 
@@ -134,4 +142,20 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         device=ns.device,
         dtype=ns.dtype,
         keep_alive=parse_duration(ns.keep_alive),
+        prediction_type=parse_prediction_type(getattr(ns, "prediction_type", None)),
     ).resolved()
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def parse_prediction_type(text: str | None) -> str | None:
+    """``epsilon`` / ``v_prediction`` (``v`` too), or None (empty: guess); anything else is a usage error."""
+    value = (text or "").strip().lower()
+    if not value:
+        return None
+    value = {"v": "v_prediction", "eps": "epsilon"}.get(value, value)
+    if value not in PREDICTION_TYPES:
+        raise UsageError(f"--prediction-type {text!r}: expected epsilon or v_prediction (SD 2.x 768 models "
+                         "predict v, the 512 base and SD 1.x predict epsilon)")
+    return value

@@ -236,3 +236,19 @@ def test_a_diffusers_folder_and_a_single_file_export_give_the_built_in_picture(x
     single = load_model(str(path), device="cpu", dtype="fp32")
     assert single.family == "sdxl" and single.source == "single-file"
     assert (_picture(single) == expected).all()
+
+
+def test_sdrepl_s_loop_gives_the_sdxl_pipeline_s_picture(xl):
+    """The denoising loop carries SDXL's added conditioning as StableDiffusionXLPipeline does."""
+    import numpy as np
+
+    from sdrepl.core.samplers import make_scheduler
+
+    ours = _picture(xl, "a red fox in the snow")
+    cond = encode_prompts(xl, "a red fox in the snow", "ugly", StaticLookup())
+    xl.pipe.scheduler = make_scheduler("Euler a", xl.pipe.scheduler.config)
+    theirs = xl.pipe(prompt_embeds=cond.prompt_embeds, negative_prompt_embeds=cond.negative_prompt_embeds,
+                     pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=cond.negative_pooled,
+                     num_inference_steps=2, guidance_scale=7.0, width=64, height=64,
+                     generator=torch.Generator("cpu").manual_seed(3), output_type="pil").images[0]
+    assert np.array_equal(ours, np.asarray(theirs))
