@@ -188,22 +188,43 @@ def _exif_user_comment(image: Any) -> str | None:
     return body.decode("utf-8", errors="replace").rstrip("\0") or None
 
 
+#: The largest picture ``!fetch`` reads, and the longest ``parameters`` text it takes from one.
+MAX_PICTURE_BYTES = 256 * 1024 * 1024
+MAX_PARAMETERS_BYTES = 1024 * 1024
+
+
 def read_png_parameters(path: Path | str) -> str | None:
     """The ``parameters`` text of a picture, or None when it has none.
 
-    Raises :class:`PngInfoError` naming the file when it is missing or not a readable image.
+    The file is read through :func:`sdrepl.core.safe_open.read_regular_file` (a FIFO or device path never
+    blocks, at most :data:`MAX_PICTURE_BYTES`); a PNG's text comes from its chunk list, so no pixel is
+    decoded whatever size the picture declares. Raises :class:`PngInfoError` naming the file when it is
+    missing or not a readable image.
     """
+    import io
+
     from PIL import Image, UnidentifiedImageError
+
+    from sdrepl.core.formats.png_chunks import PNG_MAGIC, PngRefused, read_png_header
+    from sdrepl.core.safe_open import UnsafeFile, read_regular_file
 
     path = Path(path)
     try:
-        with Image.open(path) as image:
-            image.load()  # text chunks after the image data are read only on load
-            text = image.info.get("parameters")
-            if text is None and image.format in ("JPEG", "WEBP"):
-                text = _exif_user_comment(image)
+        data, _ = read_regular_file(path, MAX_PICTURE_BYTES)
+        if data.startswith(PNG_MAGIC):
+            text = read_png_header(data, "parameters", MAX_PARAMETERS_BYTES).text
+        else:
+            with Image.open(io.BytesIO(data)) as image:  # lazy: the header and metadata, no pixels
+                text = image.info.get("parameters")
+                if text is None and image.format in ("JPEG", "WEBP"):
+                    text = _exif_user_comment(image)
     except FileNotFoundError as exc:
         raise PngInfoError(f"{path}: no such file; give the path of a picture made by sdrepl or A1111") from exc
+    except UnsafeFile as exc:
+        raise PngInfoError(f"{path}: {exc.reason}; give the path of a picture made by sdrepl or A1111") from None
+    except PngRefused as exc:
+        raise PngInfoError(f"{path}: not a readable image ({exc.reason}); expected a PNG with a 'parameters' text "
+                           "chunk") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise PngInfoError(f"{path}: not a readable image ({exc}); expected a PNG with a 'parameters' text "
                            "chunk") from exc

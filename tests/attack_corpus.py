@@ -190,6 +190,11 @@ def torchscript() -> bytes:
 # ---------------------------------------------------------------- pictures
 
 
+def text_chunk(kind: bytes, body: bytes) -> bytes:
+    """One PNG chunk (length, type, body, CRC)."""
+    return _chunk(kind, body)
+
+
 def _chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 

@@ -92,3 +92,39 @@ def test_unreadable_file_is_a_clear_error(tmp_path: Path, content: bytes | None)
         path.write_bytes(content)
     with pytest.raises(PngInfoError, match=r"x\.png: (no such file|not a readable image)"):
         read_png_parameters(path)
+
+
+
+def test_fetch_never_blocks_on_a_fifo(tmp_path: Path) -> None:
+    import os
+    import threading
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    outcome: list[BaseException] = []
+    thread = threading.Thread(target=lambda: outcome.append(pytest.raises(PngInfoError, read_png_parameters, fifo).value),
+                              daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive() and "FIFO" in str(outcome[0])
+
+
+def test_fetch_reads_a_huge_picture_without_decoding_it(tmp_path: Path) -> None:
+    import os
+    import re
+
+    from attack_corpus import png, text_chunk
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
+
+    def kib(key: str) -> int:
+        return int(re.search(key + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+    huge = tmp_path / "huge.png"
+    # 164 megapixels after the text: decoding (what Pillow's load() did) would cost ~500 MB
+    huge.write_bytes(png(12800, 12800, chunks=(text_chunk(b"tEXt", b"parameters\x00a cat\nSteps: 2"),)))
+    before = kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from the current RSS
+    assert read_png_parameters(huge) == "a cat\nSteps: 2"
+    assert kib("VmHWM") - before < 50 * 1024  # KiB
