@@ -18,12 +18,26 @@ import numpy as np
 import pytest
 import torch
 from daemon_testing import short_dir
+from lora_files import lowrank
 from PIL import Image
 from safetensors.torch import save_file
 
 from sdrepl.config import Settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def sdxl_kohya_file(path: Path, pipe) -> None:
+    """A kohya SDXL LoRA (``lora_unet_`` / ``lora_te1_`` / ``lora_te2_``) for the attention projections."""
+    gen = torch.Generator().manual_seed(1)
+    tensors = {}
+    for prefix, root in (("lora_unet_", pipe.unet), ("lora_te1_", pipe.text_encoder), ("lora_te2_", pipe.text_encoder_2)):
+        for name, module in root.named_modules():
+            if isinstance(module, torch.nn.Linear) and (".attn" in name or "self_attn" in name):
+                down, up = lowrank(tuple(module.weight.shape), 4, gen, std=0.1)
+                key = prefix + name.removeprefix("text_model.").replace(".", "_")
+                tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
+    save_file(tensors, str(path))
 
 
 def _env(root: Path) -> dict[str, str]:
@@ -45,8 +59,13 @@ def xl_session():
               str(emb / "pair-emb.safetensors"))
     save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(3, 1280)}, str(emb / "uneven.safetensors"))
     torch.save({"string_to_param": {"*": torch.zeros(1, 768)}, "name": "sd1-style"}, emb / "sd1-style.pt")
+    loras = root / "loras"
+    loras.mkdir()
+    from sdrepl.core.models import load_model
+
+    sdxl_kohya_file(loras / "xl-net.safetensors", load_model("tiny-sdxl", device="cpu", dtype="fp32").pipe)
     settings = Settings(socket=root / "d.sock", model="tiny-sdxl", embeddings=[emb], outputs=root / "outputs",
-                        device="cpu", dtype="fp32")
+                        device="cpu", dtype="fp32", loras=[loras])
     session = {"root": root, "options": settings.daemon_args(), "env": _env(root), "settings": settings}
     try:
         yield session
@@ -99,3 +118,14 @@ def test_an_sdxl_session_lists_pairs_and_skips_what_does_not_fit(xl_session):
     assert tokens["tokens"]["count"] == 5 and tokens["tokens"]["negative"]["count"] == 2
     assert to_pt["ok"] and Path(to_pt["path"]).suffix == ".pt"
     assert not to_diffusers["ok"] and "clip_l" in to_diffusers["error"]["message"]
+
+
+def test_an_sdxl_lora_in_a_prompt(xl_session):
+    done = sdrepl(xl_session, "--json", stdin="a photo of a cat <lora:xl-net:0.8> --steps 2 --seed 11\n"
+                                          "a photo of a cat --steps 2 --seed 11\n")
+    with_lora, without = (json.loads(line) for line in done.stdout.splitlines())
+    assert with_lora["ok"] and without["ok"], done.stdout
+    assert with_lora["loras"] == [{"name": "xl-net", "te": 0.8, "unet": 0.8}]
+    image = Image.open(with_lora["images"][0]["path"])
+    assert "Lora hashes: " in image.info["parameters"] and "xl-net: " in image.info["parameters"]
+    assert not np.array_equal(np.asarray(image), np.asarray(Image.open(without["images"][0]["path"])))
