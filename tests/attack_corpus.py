@@ -303,6 +303,8 @@ MEMORY = [
     Attack("huge-storage", "huge.pt", lambda m: huge_storage_declared(), "declares a storage of 17,179,869,184 values"),
     Attack("compressed-storage", "zipbomb.pt", lambda m: compressed_storage(), "is compressed"),
     Attack("memo-bomb", "memo.pt", lambda m: memo_bomb(), "memo slot"),
+    Attack("dict-spray", "spray.pt", lambda m: _proto() + pickle.EMPTY_LIST + pickle.MARK + pickle.EMPTY_DICT * 60_000
+           + pickle.APPENDS + pickle.STOP, "containers and calls"),
     Attack("legacy-storage-bomb", "legacy.pt", lambda m: legacy_storage_bomb(), "declares a storage of"),
     Attack("huge-png", "photo.png", lambda m: png(12800, 12800), "12800x12800", silent=True),
     Attack("text-card-60MB-json", "card.png", lambda m: text_card(big_json(2_000_000), compressed=True), "more than"),

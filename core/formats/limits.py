@@ -48,6 +48,12 @@ class Limits:
     max_json_bytes: int
 
     @property
+    def max_pickle_objects(self) -> int:
+        """Containers and calls a pickle may build (an empty dict is one byte of pickle and ~64 bytes of
+        memory): what torch.save writes per tensor (about 8), with room for the dict around them."""
+        return 16 * self.max_tensors + 256
+
+    @property
     def max_json_numbers(self) -> int:
         """Numbers a card's JSON may hold: the vectors plus a few for step and token ids."""
         return self.max_total_values + 64

@@ -152,6 +152,9 @@ _ALLOWED_OPS = frozenset({
     "BININT", "BININT1", "BININT2", "LONG1", "BINFLOAT", "NEWTRUE", "NEWFALSE", "NONE",
     "GLOBAL", "REDUCE", "BINPERSID", "NEWOBJ", "BUILD",
 })
+#: Opcodes that build a new container or call something (the costly ones, counted against the limit).
+_BUILDING_OPS = frozenset({"EMPTY_DICT", "EMPTY_LIST", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "REDUCE", "NEWOBJ",
+                           "DICT", "LIST", "INST", "OBJ", "NEWOBJ_EX", "FROZENSET", "EMPTY_SET"})
 _STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING",
                          "SHORT_BINSTRING"})
 _WHY_OP = {
@@ -196,7 +199,7 @@ def scan_opcodes(stream: bytes, limits: Limits, *, what: str = "the pickle") -> 
     names: set[tuple[str, str]] = set()
     strings: list[str] = []  # recent string pushes, for STACK_GLOBAL's operands
     memo: dict[int, str] = {}
-    puts = count = 0
+    puts = count = built = 0
     saw_inst = False
     try:
         for op, arg, _pos in pickletools.genops(io.BytesIO(stream)):
@@ -223,6 +226,11 @@ def scan_opcodes(stream: bytes, limits: Limits, *, what: str = "the pickle") -> 
                 strings.append(memo[arg])
             if name not in _ALLOWED_OPS and foreign is None:
                 foreign = name
+            if name in _BUILDING_OPS:
+                built += 1
+                if built > limits.max_pickle_objects:
+                    raise PickleRefused(f"{what} builds more than {limits.max_pickle_objects:,} containers and calls, "
+                                        f"more than any {limits.kind} file needs (an allocation trick)")
             if name == "STOP":
                 break
     except PickleRefused:
@@ -308,7 +316,7 @@ def _walk(obj: object) -> Iterator[object]:
             stack.extend(item.values())
         elif isinstance(item, (list, tuple, set, frozenset)):
             stack.extend(item)
-        elif isinstance(item, LegacyModule):
+        if isinstance(item, (LegacyModule, collections.OrderedDict)):  # attributes set by BUILD
             stack.extend(vars(item).values())
 
 
@@ -350,7 +358,8 @@ def _zip_members(data: bytes, limits: Limits) -> tuple[str, bytes, dict[str, int
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         infos = archive.infolist()
-    except (zipfile.BadZipFile, ValueError, EOFError, OSError, struct.error) as exc:
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError, struct.error, OverflowError,
+            NotImplementedError) as exc:  # NotImplementedError: a zip version or feature zipfile lacks
         raise PickleRefused(f"the zip archive is truncated or corrupt ({exc})", hostile=False) from None
     if not infos:
         raise PickleRefused("the zip archive is empty", hostile=False)
@@ -369,12 +378,14 @@ def _zip_members(data: bytes, limits: Limits) -> tuple[str, bytes, dict[str, int
     pickle_info = None
     for info in infos:
         rest = info.filename[len(top) + 1:] if info.filename.startswith(top + "/") else None
+        known = rest == "data.pkl" or rest in _ZIP_RECORDS or (rest is not None and _STORAGE_NAME.fullmatch(rest))
+        if known and info.compress_type != zipfile.ZIP_STORED:
+            what = "storage" if rest.startswith("data/") else "member"
+            raise PickleRefused(f"its {what} {info.filename!r} is compressed, which torch.save never does (a "
+                                f"compressed member can declare {info.file_size:,} bytes in a tiny file)")
         if rest == "data.pkl":
             pickle_info = info
         elif rest is not None and _STORAGE_NAME.fullmatch(rest):
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise PickleRefused(f"its storage {info.filename!r} is compressed, which torch.save never does (a "
-                                    f"compressed member can declare {info.file_size:,} bytes in a tiny file)")
             storages[rest[5:]] = info.file_size
         elif rest in _ZIP_RECORDS:
             if info.file_size > 4096:
@@ -390,7 +401,7 @@ def _zip_members(data: bytes, limits: Limits) -> tuple[str, bytes, dict[str, int
                             f"pickle ever needs ({limits.max_pickle_bytes:,})")
     try:
         stream = archive.read(pickle_info)
-    except (zipfile.BadZipFile, ValueError, EOFError, OSError, NotImplementedError, RuntimeError) as exc:
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError, OverflowError, struct.error) as exc:
         raise PickleRefused(f"its data.pkl cannot be read ({exc})", hostile=False) from None
     return top, stream, storages
 
