@@ -81,3 +81,28 @@ def test_an_unexpected_exception_in_a_reader_is_not_hidden(tmp_path: Path, monke
     path.write_bytes((FIXTURES / "a1111" / "bad-artist.pt").read_bytes())
     with pytest.raises(ZeroDivisionError):
         read_embedding(path)
+
+
+_SNIPPETS = [b"}", b"]", b")", b"(", b"t", b"\x85", b"\x86", b"\x87", b"s", b"u", b"a", b"e", b"q\x00", b"q\x01",
+             b"h\x00", b"h\x01", b"K\x05", b"M\x05\x01", b"J\x05\x00\x00\x00", b"\x88", b"\x89", b"N", b"0", b"2",
+             b"1", b"X\x01\x00\x00\x000", b"X\x07\x00\x00\x00storage", b"X\x03\x00\x00\x00cpu", b"\x8a\x01\x05",
+             b"ctorch._utils\n_rebuild_tensor_v2\n", b"ccollections\nOrderedDict\n", b"ctorch\nFloatStorage\n",
+             b"ctorch._utils\n_rebuild_parameter\n", b"ctorch.nn.modules.container\nParameterDict\n",
+             b"c__builtin__\nset\n", b"R", b"Q", b"\x81", b"b"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(st.sampled_from(_SNIPPETS), max_size=60))
+def test_random_opcode_streams_are_refused_or_inspected(ops: list[bytes]) -> None:
+    """The inspector (opcode scan, restricted unpickler, size checks) raises only PickleRefused on any stream
+    of the opcodes torch.save uses, in any order, with the allowed globals."""
+    from attack_corpus import torch_zip
+
+    from sdrepl.core.formats.limits import EMBEDDING_LIMITS
+    from sdrepl.core.formats.pickle_scan import PickleRefused, inspect_torch_file
+
+    data = torch_zip(b"\x80\x02" + b"".join(ops) + b".", {"data/0": bytes(64), "version": b"3\n"})
+    try:
+        inspect_torch_file(data, EMBEDDING_LIMITS)
+    except PickleRefused:
+        pass
