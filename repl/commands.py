@@ -16,7 +16,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from sdrepl.core.display import visible
 from sdrepl.core.errors import UsageError
+from sdrepl.core.names import name_problem
 from sdrepl.repl import actions, render
 from sdrepl.repl.actions import Outcome
 from sdrepl.repl.parse import (
@@ -52,7 +54,6 @@ class Command:
 
 # -- argument parsers ---------------------------------------------------------------------------------
 
-_NAME = re.compile(r"[^\s/\\<>:\"|?*.][^\s/\\<>:\"|?*]*")
 
 
 def _no_args(name: str) -> Callable[[str], None]:
@@ -66,8 +67,10 @@ def _embedding_name(text: str, usage: str) -> str:
     name = text.strip().strip("<>")
     if not name:
         raise UsageError(f"missing NAME; usage: {usage}")
-    if not _NAME.fullmatch(name):
-        raise UsageError(f"{name!r} is not a usable embedding name: one word, no slashes or <>; usage: {usage}")
+    problem = name_problem(name)  # the one rule, core/names.py (the daemon checks it again)
+    if problem is not None:
+        raise UsageError(f"{visible(repr(name))} is not a usable embedding name ({problem}): one word, no slashes "
+                         f"or <>; usage: {usage}")
     return name
 
 

@@ -149,3 +149,14 @@ def test_daemon_refuses_to_start_with_an_unsafe_torch(tmp_path: Path, monkeypatc
     assert run_daemon(Settings(socket=tmp_path / "d.sock")) == 2
     assert "torch 2.9.0 is too old" in capsys.readouterr().err
     assert not (tmp_path / "d.sock").exists()
+
+
+@pytest.mark.parametrize("line", ["!create x\x1b]2;PWNED\x07", "!create bell\x07", "!convert ../x --to pt"])
+def test_repl_refuses_the_same_names(line: str) -> None:
+    from sdrepl.core.errors import UsageError
+    from sdrepl.repl.commands import parse_convert, parse_create
+
+    parse = parse_create if line.startswith("!create") else parse_convert
+    with pytest.raises(UsageError, match="not a usable embedding name") as info:
+        parse(line.split(" ", 1)[1])
+    assert "\x1b" not in str(info.value) and "\x07" not in str(info.value)
