@@ -5,7 +5,8 @@ forever), a device, a socket or a huge file. :func:`read_regular_file` never blo
 than asked: it refuses non-regular files by ``stat`` before opening, opens with ``O_NONBLOCK`` (a FIFO
 swapped in after the ``stat`` opens at once instead of waiting) and ``O_NOCTTY``, checks ``fstat`` on the
 open descriptor (the object actually opened: regular, same file as stat'ed, within the size cap), and reads
-at most ``max_bytes + 1`` bytes.
+at most ``max_bytes + 1`` bytes. :func:`open_regular_file` is the same checks for readers that read part of
+a file (a safetensors header).
 
 Symlinks are followed by default, since users link embeddings in from a shared collection; the checks
 apply to what the link leads to. Pass ``follow_symlinks=False`` (``O_NOFOLLOW``) where a link itself is
@@ -14,9 +15,12 @@ the attack (lock, log and pid files).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat as stat_module
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 
 class UnsafeFile(Exception):
@@ -62,14 +66,14 @@ def _check(path: Path | str, st: os.stat_result, max_bytes: int) -> None:
                          size=st.st_size)
 
 
-def read_regular_file(
+@contextlib.contextmanager
+def open_regular_file(
     path: Path | str, max_bytes: int, *, follow_symlinks: bool = True, st: os.stat_result | None = None
-) -> tuple[bytes, os.stat_result]:
-    """The bytes of the regular file ``path`` (at most ``max_bytes``) and the ``fstat`` of what was read.
+) -> Iterator[tuple[BinaryIO, os.stat_result]]:
+    """Open the regular file ``path`` for reading, after the checks of :func:`read_regular_file`.
 
-    ``st`` (a stat the caller already has) saves the first stat. Raises :class:`UnsafeFile` for a
-    non-regular or oversized file, and ``OSError`` as ``open`` does (missing, permission, ``ELOOP`` for a
-    link with ``follow_symlinks=False``).
+    Yields ``(file, fstat)``; for readers that need only part of a file (a safetensors header). The
+    caller must still read at most ``fstat.st_size`` bytes. Raises like :func:`read_regular_file`.
     """
     if st is None:
         st = os.stat(path, follow_symlinks=follow_symlinks)
@@ -81,16 +85,31 @@ def read_regular_file(
     try:
         opened = os.fstat(fd)
         _check(path, opened, max_bytes)  # what was opened, not what the name meant a moment ago
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb", buffering=0) as fh:
+        yield fh, opened
+
+
+def read_regular_file(
+    path: Path | str, max_bytes: int, *, follow_symlinks: bool = True, st: os.stat_result | None = None
+) -> tuple[bytes, os.stat_result]:
+    """The bytes of the regular file ``path`` (at most ``max_bytes``) and the ``fstat`` of what was read.
+
+    ``st`` (a stat the caller already has) saves the first stat. Raises :class:`UnsafeFile` for a
+    non-regular or oversized file, and ``OSError`` as ``open`` does (missing, permission, ``ELOOP`` for a
+    link with ``follow_symlinks=False``).
+    """
+    with open_regular_file(path, max_bytes, follow_symlinks=follow_symlinks, st=st) as (fh, opened):
         chunks: list[bytes] = []
         left = max_bytes + 1
         while left > 0:
-            chunk = os.read(fd, min(left, 1 << 20))
+            chunk = fh.read(min(left, 1 << 20))
             if not chunk:
                 break
             chunks.append(chunk)
             left -= len(chunk)
-    finally:
-        os.close(fd)
     data = b"".join(chunks)
     if len(data) > max_bytes:  # grew while being read
         raise UnsafeFile(path, f"more than the {max_bytes} bytes allowed (it grew while being read)",

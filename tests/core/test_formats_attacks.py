@@ -238,3 +238,20 @@ def test_library_read_of_a_file_swapped_for_a_fifo_does_not_block(tmp_path: Path
     os.mkfifo(path)
     error = _finishes(lambda: read_file_bytes(path, regular))
     assert isinstance(error, NotAnEmbedding) and "FIFO" in error.reason
+
+
+def test_open_regular_file_reads_part_of_a_file_and_refuses_fifos(tmp_path: Path) -> None:
+    from sdrepl.core.safe_open import open_regular_file
+
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(b"0123456789")
+    with open_regular_file(path, 100) as (fh, st):
+        assert fh.read(4) == b"0123" and st.st_size == 10
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+
+    def attempt() -> None:
+        with open_regular_file(fifo, 100):
+            pass
+
+    assert isinstance(_finishes(attempt), UnsafeFile)
