@@ -82,6 +82,10 @@ async def generate(ctx: DaemonContext, params: dict, req: Request) -> dict:
 
         queued = time.monotonic()
         started: list[float] = []
+        ahead = ctx.worker.ahead
+        if ahead:  # protocol v2: the client can say "queued (position N)" until the first step arrives
+            req.send_event("progress", request=req.id, step=0, total=job.steps * job.n, image=0, images=job.n,
+                           queued=ahead)
 
         def work() -> PendingGeneration:
             started.append(time.monotonic())

@@ -101,6 +101,12 @@ class DeviceWorker:
         return self._background
 
     @property
+    def ahead(self) -> int:
+        """Foreground items a new item would wait behind: the queued ones and the one running (not training)."""
+        with self._cond:
+            return len(self._queue) + (self._current is not None)
+
+    @property
     def idle(self) -> bool:
         with self._cond:
             return not self._queue and self._current is None and self._background is None

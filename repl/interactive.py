@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from prompt_toolkit.styles import Style
 from sdrepl.core.display import visible
 from sdrepl.repl.completion import make_completer
 from sdrepl.repl.history import BlockHistory
-from sdrepl.repl.keys import AbandonBlock, make_key_bindings, sigint_handler
+from sdrepl.repl.keys import AbandonBlock, make_key_bindings, quiet_keyboard, sigint_handler
 from sdrepl.repl.lines import LineAssembler, LogicalLine
 from sdrepl.repl.state import ReplState, StateFeed
 from sdrepl.repl.toolbar import BudgetTracker, render_toolbar
@@ -137,6 +138,10 @@ class InteractiveRepl:
         if not progress or progress.get("request") != self.state.running_request:
             return
         step, total = progress.get("step") or 0, progress.get("total") or 0
+        if progress.get("queued") and not step:
+            self._write(f"\rqueued (position {progress['queued']}) behind another request  (Ctrl-C cancels)\x1b[K")
+            self._progress_shown = True
+            return
         now = time.monotonic()
         if step < total and now - self._progress_drawn_at < 0.1:
             return
@@ -145,6 +150,12 @@ class InteractiveRepl:
         bar = "━" * filled + "─" * (20 - filled)
         self._write(f"\rgenerating {bar} {step}/{total}  (Ctrl-C cancels)\x1b[K")
         self._progress_shown = True
+
+    def _width(self) -> int:
+        try:
+            return max(40, self.prompt.app.output.get_size().columns - 1)
+        except Exception:  # no real terminal (tests): a common width
+            return 100
 
     def _default_negative(self) -> str:
         defaults = getattr(self.session, "defaults", None)
@@ -176,6 +187,7 @@ class InteractiveRepl:
         prefill = ""
         failures = 0
         while True:
+            self.tracker.on_text_changed(prefill)  # the toolbar shows the new buffer, not the last line's
             try:
                 text = await self.prompt.prompt_async(self._message, default=prefill)
                 failures = 0
@@ -256,7 +268,7 @@ class InteractiveRepl:
 
         self.executing = True
         try:
-            with sigint_handler(on_sigint):
+            with sigint_handler(on_sigint), quiet_keyboard():
                 return await task
         except asyncio.CancelledError:
             if not interrupted:
@@ -284,12 +296,36 @@ class InteractiveRepl:
         self.emit(f"{number:>4} {first[:60]}: {outcome}")
 
     def show(self, result: Any) -> None:
-        """Print a LineResult: its text, or its error as ``Type: message`` (never a traceback)."""
+        """Print a LineResult: its text, or its error as ``Type: message`` (never a traceback).
+
+        Help is prose: it is wrapped at word boundaries to the terminal's width (the terminal would cut
+        words in two).
+        """
         text = getattr(result, "text", None)
+        if text and getattr(result, "kind", "") == "help":
+            text = wrap_text(str(text), self._width())
         if text:
             self.emit(str(text))
         elif not getattr(result, "ok", True):
             self.emit(format_error(getattr(result, "error", None)))
+
+
+def wrap_text(text: str, width: int) -> str:
+    """Each line longer than ``width`` wrapped at word boundaries; continuation lines keep its indent.
+
+    A table row (``!help``'s overview) continues under its last column, so the columns stay readable.
+    """
+    out = []
+    for line in text.split("\n"):
+        if len(line) <= width:
+            out.append(line)
+            continue
+        column = line.find("  ", len(line) - len(line.lstrip()))
+        indent = " " * (len(line) - len(line[column:].lstrip()) if 0 < column < width // 2 else
+                        len(line) - len(line.lstrip()))
+        out.append(textwrap.fill(line, width, subsequent_indent=indent, break_long_words=False,
+                                 break_on_hyphens=False))
+    return "\n".join(out)
 
 
 def format_error(error: Any) -> str:

@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prompt_toolkit.application import run_in_terminal
 from prompt_toolkit.filters import Condition, is_searching
@@ -98,3 +101,39 @@ def sigint_handler(on_interrupt: Callable[[], None]) -> Iterator[None]:
         yield
     finally:
         loop.remove_signal_handler(signal.SIGINT)
+
+
+@contextlib.contextmanager
+def quiet_keyboard(stream: Any = None) -> Iterator[None]:
+    """While a line runs, keys typed are not echoed (they would garble the progress line), but kept.
+
+    Only ``ECHO`` is turned off: the terminal still holds what is typed, and the next prompt (which reads
+    the terminal raw) finds it in its buffer, as type-ahead in a shell; a late cursor-position report is
+    read there too instead of being echoed as ``^[[12;1R``. ``ISIG`` stays, so Ctrl-C still cancels.
+    Not a terminal (tests, pipes): nothing to do.
+    """
+    stream = sys.stdin if stream is None else stream
+    try:
+        import termios
+
+        fd = stream.fileno()
+        if not os.isatty(fd):
+            raise OSError("not a terminal")
+        saved = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError, AttributeError):
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] = saved[3] & ~(termios.ECHO | termios.ECHONL)
+    try:
+        termios.tcsetattr(fd, termios.TCSANOW, quiet)  # TCSANOW, not TCSAFLUSH: type-ahead is kept
+    except termios.error:
+        yield
+        return
+    try:
+        yield
+    finally:
+        try:
+            termios.tcsetattr(fd, termios.TCSANOW, saved)
+        except termios.error:
+            log.warning("could not restore the terminal's echo", exc_info=True)

@@ -46,9 +46,11 @@ def generation(result: dict[str, Any], cwd: Path | None = None) -> str:
     negative = tokens.get("negative")
     if negative and negative.get("count"):
         facts.append(f"neg {budget(negative)}")
-    elapsed = result.get("elapsed_s")
+    elapsed = result.get("total_s", result.get("elapsed_s"))  # total_s includes the time spent queued
     if isinstance(elapsed, (int, float)):
-        facts.append(f"{elapsed:.1f} s")
+        queued = result.get("queued_s")
+        waited = f" incl. {queued:.1f} s queued" if isinstance(queued, (int, float)) and queued >= 0.1 else ""
+        facts.append(f"{elapsed:.1f} s{waited}")
     bare = list(tokens.get("bare") or []) + list((negative or {}).get("bare") or [])
     if bare:
         facts.append("bare words as embeddings: " + ", ".join(map(visible, bare)))

@@ -130,6 +130,9 @@ class ProgressPrinter:
                 _write(self.err, render.job(job))
         elif kind == "progress":
             request, step, total = event.get("request"), event.get("step"), event.get("total")
+            if event.get("queued") and not step:
+                _write(self.err, f"generating: queued (position {event['queued']})")
+                return
             times = self._generate.setdefault(request, [now, None])  # [first event, last line written]
             if now - times[0] >= self.generate_after and (times[1] is None or now - times[1] >= self.generate_after):
                 times[1] = now

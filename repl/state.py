@@ -129,7 +129,7 @@ class ReplState:
         elif kind == "queue":
             self.queue = {"pending": event.get("pending", 0), "running": event.get("running")}
         elif kind == "progress":
-            self.progress = {k: event.get(k) for k in ("request", "step", "total")}
+            self.progress = {k: event[k] for k in ("request", "step", "total", "queued") if k in event}
         elif kind == "train":
             job = event.get("job") or {}
             before = (self.training or {}).get("state")

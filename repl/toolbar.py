@@ -20,6 +20,7 @@ from typing import Any
 from sdrepl.core.display import visible
 from sdrepl.core.errors import SdreplError
 from sdrepl.core.status_text import format_duration
+from sdrepl.repl.lines import logical_text
 from sdrepl.repl.parse import GENERATION_OPTIONS, Option, split_options, to_text
 from sdrepl.repl.state import Budget, ReplState
 
@@ -65,6 +66,8 @@ def budget_request(text: str, default_negative: str = "") -> tuple[str, str] | N
     stripped = text.strip()
     if not stripped or stripped.startswith("#") or stripped == '"""':
         return None
+    if stripped.startswith('"""') and "\n" in stripped:  # a whole block in the buffer (!NN, !fetch, a paste)
+        stripped = logical_text(stripped)
     if stripped.startswith("!"):
         command, _, rest = stripped[1:].partition(" ")
         if command.lower() != "tokens":

@@ -168,6 +168,29 @@ def test_cancel_a_running_generation(daemon: DaemonProcess) -> None:
     run(scenario())
 
 
+def test_a_second_clients_queued_request_learns_its_position(daemon: DaemonProcess) -> None:
+    """Protocol v2: a generate waiting behind another client's gets ``progress`` with ``queued``, then
+    steps; its ``total_s`` includes the wait."""
+    async def scenario() -> None:
+        async with daemon.client(client="a") as a, daemon.client(client="b") as b:
+            events_a, events_b = EventLog(a), EventLog(b)
+            rid_a, slow = a.start("generate", prompt="slow", steps=400, seed=1, width=64, height=64)
+            await events_a.wait_for(lambda e: e["event"] == "progress" and e["request"] == rid_a, timeout=30)
+            rid_b, queued = b.start("generate", prompt="next", seed=2, **TINY)
+            first = await events_b.wait_for(lambda e: e["event"] == "progress", timeout=30)
+            assert first["request"] == rid_b and first["step"] == 0 and first["queued"] == 1
+            await asyncio.sleep(0.3)
+            assert await a.cancel(rid_a)
+            with pytest.raises(RemoteError):
+                await slow
+            result = await queued
+            assert result["queued_s"] >= 0.2 and result["total_s"] >= result["queued_s"]
+            steps = [e for e in events_b.events if e["event"] == "progress" and e["step"]]
+            assert steps[-1]["step"] == steps[-1]["total"] == 2 and "queued" not in steps[-1]
+
+    run(scenario())
+
+
 def test_generation_metadata_seeds_and_numbering(daemon: DaemonProcess) -> None:
     async def scenario() -> None:
         async with daemon.client() as c:
@@ -255,7 +278,7 @@ def test_generations_run_in_the_order_they_were_sent(daemon: DaemonProcess) -> N
             await asyncio.gather(*(future for _, future in started))
             firsts = []
             for event in events.events:
-                if event["event"] == "progress" and event["request"] not in firsts:
+                if event["event"] == "progress" and event["step"] and event["request"] not in firsts:
                     firsts.append(event["request"])
             return [rid for rid, _ in started], firsts
 

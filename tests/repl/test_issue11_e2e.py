@@ -8,8 +8,12 @@ the daemon under an open REPL and carry on, try an embedding while it trains.
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -97,8 +101,8 @@ def test_habits_hint_refuse_and_bye_leaves(repl, daemon):
     number = repl.match.group(1)
     repl.expect_exact(PROMPT)
     repl.send(f"!{number}\r")  # !NN puts it back into the buffer
-    repl.expect_exact(PROMPT)
-    repl.expect_exact("a tall tree")
+    repl.expect_exact("a tall tree")  # printed ...
+    repl.expect(r'sd> (?:\x1b\[[0-9;]*m)*"""(?:\x1b\[[0-9;]*m)*\r\r\n(?:\x1b\[[0-9;]*m)*a tall tree')  # ... and in the buffer
     repl.sendcontrol("c")
     repl.send("/bye\r")
     repl.expect(pexpect.EOF, timeout=20)
@@ -129,3 +133,70 @@ def test_a_pasted_a1111_block_is_one_generation_with_its_settings(repl, daemon):
     params = parse_parameters(read_png_parameters(made.pop()))
     assert (params["prompt"], params["negative"], params["steps"], params["cfg"], params["seed"]) == (
         "a red fox in the snow", "blurry", 2, 6.5, 4242)
+
+
+# -- item 8: screen hygiene, in tmux (what the screen really shows) ----------------------------------
+
+class Tmux:
+    """One REPL in a private tmux server; :meth:`screen` is the pane as the user sees it."""
+
+    def __init__(self, daemon, name: str) -> None:
+        self.socket = str(daemon.tmp / f"tmux-{name}")
+        script = daemon.tmp / f"{name}.sh"
+        exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in daemon.env.items() if k.isidentifier())
+        command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "sdrepl", *daemon.args])
+        script.write_text(f"{exports}cd {shlex.quote(str(daemon.tmp))}\nexec {command}\n")
+        self.tmux("new-session", "-d", "-s", name, "-x", "150", "-y", "40", f"bash {shlex.quote(str(script))}")
+
+    def tmux(self, *args: str) -> str:
+        return subprocess.run(["tmux", "-S", self.socket, *args], capture_output=True, text=True, check=True,
+                              timeout=30).stdout
+
+    def screen(self) -> str:
+        return self.tmux("capture-pane", "-p")
+
+    def keys(self, *keys: str, literal: bool = False) -> None:
+        self.tmux("send-keys", *(["-l"] if literal else []), *keys)
+
+    def wait_for(self, predicate, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            screen = self.screen()
+            if predicate(screen):
+                return screen
+            time.sleep(0.05)
+        raise AssertionError(f"the screen never matched; it shows:\n{self.screen()}")
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def tmux(daemon):
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    session = Tmux(daemon, f"t{os.getpid()}")
+    try:
+        session.wait_for(lambda s: re.search(r"^sd>", s, re.M) is not None)  # capture-pane drops trailing blanks
+        yield session
+    finally:
+        session.close()
+
+
+def test_typing_during_a_generation_leaves_a_clean_screen(tmux):
+    tmux.keys("a fox --steps 400 --size 64x64", "Enter")
+    tmux.wait_for(lambda s: "generating" in s)
+    tmux.keys("hello world", literal=True)
+    during = []
+    while "generating" in (screen := tmux.screen()):
+        during.append(screen)
+        time.sleep(0.02)
+    assert during, "the generation ended before the keys were typed; make it longer"
+    for screen in during:
+        assert "hello" not in screen  # not echoed over the progress line
+    after = tmux.wait_for(lambda s: re.search(r"sd> hello world\s*$", s, re.M) is not None)
+    assert re.search(r"\.png\s+\(seed \d+", after)
+    assert "^[" not in after and not re.search(r"\d+;\d+R", after)  # no cursor-position-report garbage
+    tmux.keys("C-c")  # clears the buffer, and the toolbar with it
+    tmux.wait_for(lambda s: re.search(r"sd> hello", s) is None)
+    tmux.keys("!quit", "Enter")
