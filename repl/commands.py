@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sdrepl.core.display import visible
 from sdrepl.core.errors import UsageError
 from sdrepl.core.names import name_problem
-from sdrepl.repl import actions, render
+from sdrepl.repl import actions, network_commands, render
 from sdrepl.repl.actions import Outcome
 from sdrepl.repl.parse import (
     GenerationLine,
@@ -95,6 +95,12 @@ def parse_help(args: str) -> str | None:
 
 
 def parse_show(args: str) -> str:
+    text = args.strip().strip("<>")
+    if text.lower().startswith("lora:"):  # ``!show lora:NAME``: a LoRA (folder/name allowed)
+        name = text[len("lora:"):].strip()
+        if not name or any(c in name for c in "<>:"):
+            raise UsageError("missing LoRA NAME; usage: !show lora:NAME")
+        return "lora:" + name
     return _embedding_name(args, "!show NAME")
 
 
@@ -185,6 +191,13 @@ def parse_history(args: str) -> str:
     return args.strip()
 
 
+async def _show(session: Any, name: str, started: Any) -> Outcome:
+    """``!show NAME`` for embeddings, ``!show lora:NAME`` for LoRAs."""
+    if name.startswith(network_commands.LORA_PREFIX):
+        return await network_commands.run_show_lora(session, name[len(network_commands.LORA_PREFIX):], started)
+    return await actions.run_show(session, name, started)
+
+
 # -- the table ----------------------------------------------------------------------------------------
 
 _OPT_LIST = ", ".join(opt.spelling for opt in TRAIN_OPTIONS)
@@ -199,10 +212,21 @@ COMMANDS: tuple[Command, ...] = (
             "file in the embeddings folders that was not loaded, with the reason (wrong width for this model, "
             "broken file, ...), then warnings such as name collisions.",
             _no_args("embeddings"), actions.run_embeddings),
-    Command("show", "!show NAME", "one embedding in detail",
+    Command("show", "!show NAME | lora:NAME", "one embedding (or LoRA) in detail",
             "Everything known about one embedding: file, format, vectors, width, training step, init text, "
-            "full sha256, per-vector norms, size and modification time. NAME may be written <NAME>.",
-            parse_show, actions.run_show),
+            "full sha256, per-vector norms, size and modification time. NAME may be written <NAME>. "
+            "`!show lora:NAME` shows a LoRA: layout, rank, alpha, base model, keys matched per module group, "
+            "metadata and its training tags (ss_tag_frequency) summarised.",
+            parse_show, _show),
+    Command("loras", "!loras", "loaded LoRAs and skipped files",
+            "Lists the LoRA / LyCORIS files of the LoRA folders (name, layout, rank, base model, keys matched, "
+            "file, A1111 short hash), then every file that was not loaded with the reason (made for another "
+            "model, keys that match nothing, broken file). Use one with <lora:NAME:WEIGHT> in a prompt.",
+            _no_args("loras"), network_commands.run_loras),
+    Command("hypernetworks", "!hypernetworks", "loaded hypernetworks and skipped files",
+            "Lists the A1111 hypernetworks of the hypernetwork folders, then skipped files with the reason. "
+            "Use one with <hypernet:NAME:STRENGTH> in a prompt.",
+            _no_args("hypernetworks"), network_commands.run_hypernetworks),
     Command("tokens", "!tokens PROMPT [--neg TEXT]", "the token budget of a prompt, without generating",
             "Counts the tokens of PROMPT (and of --neg TEXT, else the session's negative prompt) the way "
             "generation will: 75 per chunk, embeddings costing their vectors. Shows which embeddings were "

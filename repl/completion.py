@@ -173,6 +173,46 @@ class EmbeddingCompleter(Completer):
                              display=visible(f"<{name}>"), display_meta=visible(embedding_meta(by_name[name])))
 
 
+#: ``<lora:`` / ``<lyco:`` / ``<hypernet:`` then the partial name under the cursor.
+NETWORK_TAG = re.compile(r"<(lora|lyco|hypernet):([^<>:\s]*)$", re.IGNORECASE)
+
+
+def network_meta(net: dict[str, Any]) -> str:
+    """``rank 4 · kohya · SD 1.x · style.safetensors``: what the menu says beside a LoRA."""
+    parts = []
+    if net.get("rank"):
+        parts.append(f"rank {net['rank']}")
+    if net.get("layout"):
+        parts.append(str(net["layout"]))
+    if net.get("base"):
+        parts.append(str(net["base"]))
+    if net.get("path"):
+        parts.append(Path(str(net["path"])).name)
+    return " · ".join(parts) or "new"
+
+
+class NetworkCompleter(Completer):
+    """``<lora:sty`` -> ``<lora:style:1>``; the name fragment is replaced, the weight offered as 1."""
+
+    def __init__(self, get_networks: Callable[[], dict[str, list[dict[str, Any]]]]) -> None:
+        self.get_networks = get_networks
+
+    def get_completions(self, document: Document, complete_event: CompleteEvent) -> Iterator[Completion]:
+        match = NETWORK_TAG.search(document.text_before_cursor)
+        if not match:
+            return
+        kind, fragment = match.group(1).lower(), match.group(2)
+        items = self.get_networks().get("hypernet" if kind == "hypernet" else "lora", [])
+        by_name = {}
+        for net in items:
+            by_name.setdefault(str(net.get("name", "")), net)
+        after = document.text_after_cursor
+        for name in rank(fragment, [n for n in by_name if n]):
+            text = name if after.startswith((":", ">")) else f"{name}:1>"
+            yield Completion(text, start_position=-len(fragment), display=visible(name),
+                             display_meta=visible(network_meta(by_name[name])))
+
+
 class LineCompleter(Completer):
     """Everything but triggers: ``!commands``, ``--options``, and option/argument values.
 
@@ -188,6 +228,7 @@ class LineCompleter(Completer):
         self.get_commands = get_commands
         self.get_samplers = get_samplers or _default_samplers
         self.get_cwd = get_cwd or (lambda: ".")
+        self.get_lora_names: Callable[[], list[str]] = lambda: []
         self._paths = {only_dirs: ThreadedCompleter(PathCompleter(only_directories=only_dirs, expanduser=True,
                                                                    get_paths=lambda: [self.get_cwd()]))
                        for only_dirs in (False, True)}
@@ -286,7 +327,9 @@ class LineCompleter(Completer):
             return list(set_keys()) if index == 0 else []
         if index != 0:
             return []
-        if command in ("show", "convert"):
+        if command == "show":
+            return names + [f"lora:{n}" for n in self.get_lora_names()]
+        if command == "convert":
             return names
         if command == "help":
             return list(commands)
@@ -319,12 +362,21 @@ class SafeCompleter(Completer):
 def make_completer(get_embeddings: Callable[[], list[dict[str, Any]]], *,
                    get_commands: Callable[[], dict[str, Any]] = command_table,
                    get_samplers: Callable[[], list[str]] | None = None,
-                   get_cwd: Callable[[], str] | None = None) -> Completer:
-    """The REPL's completer: triggers anywhere, plus commands/options/values; reads state through callables."""
+                   get_cwd: Callable[[], str] | None = None,
+                   get_networks: Callable[[], dict[str, list[dict[str, Any]]]] | None = None) -> Completer:
+    """The REPL's completer: triggers and ``<lora:`` names anywhere, plus commands/options/values; reads
+    state through callables."""
     return SafeCompleter(merge_completers([
         EmbeddingCompleter(get_embeddings),
-        LineCompleter(get_embeddings, get_commands, get_samplers, get_cwd),
+        NetworkCompleter(get_networks or (lambda: {})),
+        _with_loras(LineCompleter(get_embeddings, get_commands, get_samplers, get_cwd), get_networks),
     ]))
+
+
+def _with_loras(completer: LineCompleter, get_networks) -> LineCompleter:
+    if get_networks is not None:
+        completer.get_lora_names = lambda: [str(n.get("name")) for n in get_networks().get("lora", [])]
+    return completer
 
 
 def _default_samplers() -> list[str]:

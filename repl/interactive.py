@@ -92,7 +92,9 @@ class InteractiveRepl:
         self.tracker = BudgetTracker(client, self.state, get_prefix=lambda: "\n".join(self.block or []),
                                      get_default_negative=self._default_negative)
         self.prompt = PromptSession(
-            history=history, completer=make_completer(lambda: self.state.embeddings),
+            history=history, completer=make_completer(
+                lambda: self.state.embeddings,
+                get_networks=lambda: {"lora": self.state.loras, "hypernet": self.state.hypernetworks}),
             complete_while_typing=True, bottom_toolbar=lambda: render_toolbar(self.state),
             key_bindings=make_key_bindings(in_block=lambda: self.block is not None),
             style=STYLE, input=input, output=output, refresh_interval=None,

@@ -101,7 +101,8 @@ def embeddings(result: dict[str, Any]) -> str:
     if loaded:
         rows = [
             [visible(e.get("name")), str(e.get("vectors", "?")), _width(e.get("width")),
-             visible(e.get("format") or "-"), visible(Path(str(e.get("path") or "-")).name),
+             visible(e.get("format") or "-"),
+             visible(Path(str(e.get("source"))).name + " (LoRA)" if e.get("source") else Path(str(e.get("path") or "-")).name),
              "-" if e.get("step") is None else visible(e.get("step")), visible(_short_hash(e.get("hash")))]
             for e in sorted(loaded, key=lambda e: str(e.get("name")).lower())
         ]

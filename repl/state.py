@@ -38,6 +38,9 @@ class ReplState:
 
     embeddings: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    #: ``loras`` / ``hypernetworks`` replies' lists (completion after ``<lora:`` / ``<hypernet:``).
+    loras: list[dict[str, Any]] = field(default_factory=list)
+    hypernetworks: list[dict[str, Any]] = field(default_factory=list)
     library_version: int | None = None
     budget: Budget | None = None
     model: dict[str, Any] | None = None
@@ -83,6 +86,11 @@ class ReplState:
         self.library_version = result.get("version", self.library_version)
         self.changed()
 
+    def set_networks(self, kind: str, items: list[dict[str, Any]]) -> None:
+        """Replace the LoRA (``kind`` "loras") or hypernetwork list with a fresh reply's."""
+        setattr(self, kind, sorted(items, key=lambda n: str(n.get("name", "")).lower()))
+        self.changed()
+
     def set_model(self, model: dict[str, Any] | None, state: str | None = None) -> None:
         self.model = model
         if state:
@@ -120,6 +128,14 @@ class ReplState:
                     self.embeddings.append({"name": name})
             self.embeddings.sort(key=lambda e: e["name"].lower())
             self.library_version = event.get("version", self.library_version)
+        elif kind in ("loras", "hypernetworks"):
+            change = event.get("change") or {}
+            lines = describe_library_change(change, "LoRAs" if kind == "loras" else "hypernetworks", "lora")
+            removed = set(change.get("removed") or [])
+            items = [n for n in getattr(self, kind) if n.get("name") not in removed]
+            known = {n.get("name") for n in items}
+            items += [{"name": name} for name in change.get("added") or [] if name not in known]
+            setattr(self, kind, sorted(items, key=lambda n: str(n.get("name", "")).lower()))
         elif kind == "model":
             self.model_state = event.get("state") or self.model_state
             if "model" in event:
@@ -145,13 +161,14 @@ class ReplState:
         return lines
 
 
-def describe_library_change(change: dict[str, Any]) -> list[str]:
-    """Human lines for an ``embeddings`` change: what appeared, changed, disappeared, and why files were skipped."""
+def describe_library_change(change: dict[str, Any], what: str = "embeddings", tag: str = "") -> list[str]:
+    """Human lines for a library change (embeddings, or ``what`` = LoRAs / hypernetworks written as
+    ``<tag:name>``): what appeared, changed, disappeared, and why files were skipped."""
     lines = []
     for key, verb in (("added", "new"), ("updated", "updated"), ("removed", "removed")):
         names = change.get(key) or []
         if names:
-            lines.append(f"embeddings {verb}: " + ", ".join(f"<{visible(n)}>" for n in names))
+            lines.append(f"{what} {verb}: " + ", ".join(f"<{tag + ':' if tag else ''}{visible(n)}>" for n in names))
     for item in change.get("skipped") or []:
         lines.append(f"skipped {visible(Path(str(item.get('path', '?'))).name)}: "
                      f"{visible(item.get('reason', 'no reason given'))}")
@@ -197,6 +214,15 @@ class StateFeed:
         except Exception as exc:  # a missing status is cosmetic; the REPL still works
             log.warning("status request failed: %s", exc)
         await self.refresh_embeddings()
+        for kind in ("loras", "hypernetworks"):
+            await self.refresh_networks(kind)
+
+    async def refresh_networks(self, kind: str) -> None:
+        """Fetch the LoRA or hypernetwork list (an older daemon without it: nothing to complete)."""
+        try:
+            self.state.set_networks(kind, (await self.client.request(kind)).get(kind, []))
+        except Exception as exc:
+            log.debug("%s request failed: %s", kind, exc)
 
     async def refresh_embeddings(self) -> None:
         try:
@@ -210,6 +236,8 @@ class StateFeed:
             self.state.apply_event(event)
             if event.get("event") == "embeddings":
                 self.schedule_refresh()
+            elif event.get("event") in ("loras", "hypernetworks"):
+                self._spawn(self.refresh_networks(event["event"]))
             elif event.get("event") == "model" and event.get("state") == "ready":
                 self._spawn(self._refresh_status())
         except Exception:

@@ -188,7 +188,18 @@ def budget_parts(budget: Budget | None, state: ReplState) -> list[tuple[str, str
     bare = list(dict.fromkeys(_names(res.get("bare")) + _names(neg.get("bare"))))
     if bare:
         parts.append(("class:toolbar.warn", "bare: " + ", ".join(bare)))
+    networks = [_lora_weights(item) for item in res.get("loras") or []]
+    networks += [f"hypernet {h.get('name')}:{h.get('strength'):g}" for h in res.get("hypernetworks") or []]
+    if networks:
+        parts.append(("class:toolbar.embedding", " ".join(networks)))
     return parts
+
+
+def _lora_weights(item: dict[str, Any]) -> str:
+    """``lora style:0.8`` (one weight) or ``lora style:0.5/1`` (text encoder / UNet)."""
+    te, unet = item.get("te", 1.0), item.get("unet", 1.0)
+    weights = f"{te:g}" if te == unet else f"{te:g}/{unet:g}"
+    return f"lora {item.get('name')}:{weights}"
 
 
 def _names(items: Any) -> list[str]:
