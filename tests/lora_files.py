@@ -64,3 +64,25 @@ def kohya_file(path: Path, pipe, *, rank: int = 4, alpha: float = 2.0, seed: int
         tensors[f"{name}.alpha"] = torch.tensor(alpha)
     save_file(tensors, str(path), metadata=metadata)
     return tensors
+
+
+def hypernetwork_file(path: Path, widths: tuple[int, ...] = (768,), seed: int = 0, **extra) -> dict:
+    """An A1111 hypernetwork ``.pt`` (spec section 3): per width a (k, v) pair of [1, 2, 1] ReLU MLPs."""
+    import io
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def mlp(dim: int) -> dict:
+        return {"linear.0.weight": torch.randn(dim * 2, dim, generator=gen) * 0.1,
+                "linear.0.bias": torch.randn(dim * 2, generator=gen) * 0.1,
+                "linear.2.weight": torch.randn(dim, dim * 2, generator=gen) * 0.1,  # index 1 is the ReLU
+                "linear.2.bias": torch.randn(dim, generator=gen) * 0.1}
+
+    obj = {w: [mlp(w), mlp(w)] for w in widths}
+    obj.update({"layer_structure": [1, 2, 1], "activation_func": "relu", "is_layer_norm": False,
+                "use_dropout": False, "activate_output": False, "last_layer_dropout": False, "step": 1234,
+                "name": path.stem, "sd_checkpoint": "abcdef", "sd_checkpoint_name": "tiny", **extra})
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    path.write_bytes(buf.getvalue())
+    return obj

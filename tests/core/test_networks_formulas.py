@@ -213,3 +213,43 @@ def test_weights_change_and_clear_restore_exact_outputs(tmp_path, pipe, sig):
         assert torch.equal(mod(x), before)
     assert all(torch.equal(v, mod.state_dict()[k]) for k, v in state.items())
     assert patcher.hooked_modules == 0 and not mod._forward_hooks
+
+
+def test_sdxl_te1_te2_and_unet_prefixes(tmp_path):
+    """SDXL files name the two encoders lora_te1_ / lora_te2_: each lands on its own encoder; an SD 1.x file
+    (lora_te_) is refused on SDXL with both families named."""
+    from sdrepl.core.tiny import build_tiny
+
+    xl = build_tiny("tiny-sdxl")
+    sig = signature_of(xl, "sdxl")
+    g = _gen(20)
+    tensors = {}
+    targets = {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj": xl.text_encoder,
+               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": xl.text_encoder_2}
+    for name, enc in targets.items():
+        root = getattr(enc, "text_model", enc)
+        w = root.get_submodule("encoder.layers.0.self_attn.q_proj").weight
+        tensors[f"{name}.lora_down.weight"] = torch.randn(2, w.shape[1], generator=g)
+        tensors[f"{name}.lora_up.weight"] = torch.randn(w.shape[0], 2, generator=g)
+    unet_target = next(n for n, m in xl.unet.named_modules() if n.endswith("attn2.to_k"))
+    w = xl.unet.get_submodule(unet_target).weight
+    tensors[f"lora_unet_{unet_target.replace('.', '_')}.lora_down.weight"] = torch.randn(2, w.shape[1], generator=g)
+    tensors[f"lora_unet_{unet_target.replace('.', '_')}.lora_up.weight"] = torch.randn(w.shape[0], 2, generator=g)
+    (tmp_path / "xl").mkdir()
+    save_file(tensors, str(tmp_path / "xl" / "xl.safetensors"))
+    lib = lora_library([tmp_path / "xl"], sig)
+    lib.scan()
+    info = lib.get("xl").info
+    assert info.base == "sdxl" and info.keys_matched == info.keys == 6
+    assert {t[0] for _, t in info.matched.targets} == {"te", "te2", "unet"}
+    patcher = patcher_for(xl)
+    patcher.activate([wanted(lib, lib.get("xl"), 1.0, 1.0)])
+    assert patcher.hooked_modules == 3
+    patcher.clear()
+    (tmp_path / "sd1").mkdir()
+    name = kohya_name(*TE_LINEAR)
+    save_file({f"{name}.lora_down.weight": torch.zeros(2, 768), f"{name}.lora_up.weight": torch.zeros(768, 2)},
+              str(tmp_path / "sd1" / "old.safetensors"))
+    lib = lora_library([tmp_path / "sd1"], sig)
+    lib.scan()
+    assert "a LoRA for SD 1.x, but the model is SDXL" in lib.skipped()[0].reason

@@ -11,7 +11,7 @@ import pytest
 import torch
 from daemon_testing import EventLog, make_daemon, run, short_dir
 from fixture_paths import LORA_FIXTURES
-from lora_files import kohya_file, kohya_name
+from lora_files import hypernetwork_file, kohya_file, kohya_name
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -43,6 +43,8 @@ def daemon():
            torch.zeros(32, 4)}
     save_file(nan, str(loras / "nan.safetensors"))
     shutil.copy(LORA_FIXTURES / "cloneofsimo" / "lora_disney.safetensors", loras / "disney.safetensors")
+    (root / "hypernetworks").mkdir()
+    hypernetwork_file(root / "hypernetworks" / "hn.pt", (768, 32, 64))
     proc.start()
     try:
         yield proc
@@ -128,4 +130,22 @@ def test_live_reload_and_broken_file(daemon):
             assert any(Path(s["path"]).name == "nan.safetensors" for s in out["skipped"])
             ok = await c.request("generate", prompt="a cat <lora:one:1>", **GEN)  # still serving
             assert ok["images"]
+    run(scenario())
+
+
+def test_hypernetwork(daemon):
+    async def scenario():
+        async with daemon.client() as c:
+            listed = await c.request("hypernetworks")
+            assert [h["name"] for h in listed["hypernetworks"]] == ["hn"] and listed["hypernetworks"][0]["widths"] == [
+                32, 64, 768]
+            plain = await c.request("generate", prompt="a cat", **GEN)
+            hyper = await c.request("generate", prompt="a cat <hypernet:hn:0.5>", **GEN)
+            again = await c.request("generate", prompt="a cat", **GEN)
+            assert not np.array_equal(_pixels(plain["images"][0]["path"]), _pixels(hyper["images"][0]["path"]))
+            assert np.array_equal(_pixels(plain["images"][0]["path"]), _pixels(again["images"][0]["path"]))
+            extra = parse_parameters(read_png_parameters(hyper["images"][0]["path"]))["extra"]
+            assert (extra["Hypernet"], extra["Hypernet strength"], len(extra["Hypernet hash"])) == ("hn", "0.5", 10)
+            with pytest.raises(RemoteError, match="no loaded hypernetwork"):
+                await c.request("tokens", prompt="<hypernet:nope:1>")
     run(scenario())
