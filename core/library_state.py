@@ -1,13 +1,21 @@
-"""How the library's view is derived from what was read of each file.
+"""How the library's view is derived from what was read of each file, one changed file at a time.
 
-The library (``library.py``) walks folders and reads files into records; this module turns a set of
-records into what users see: which embeddings fit the model (and why others are skipped), which trigger
-and qualified name reaches each file when names collide, the warnings, and the change between two views.
-It is pure: no I/O, no locks, so every rule here is testable on its own.
+The library (``library.py``) walks folders and reads files into records; this module turns records into
+what users see: which embeddings fit the model (and why others are skipped), which trigger and qualified
+name reaches each file when names collide, the warnings, and the change each update made. It is pure: no
+I/O, no locks, so every rule here is testable on its own.
+
+**Incremental.** A folder of 10,000 files must stay live while it fills, so an update costs what it
+touches, not the size of the library: :class:`LibraryView` keeps the claimants of each trigger and an
+index from every candidate qualified name to the files that may take it, and re-derives only the trigger
+groups and the collision component (files sharing a candidate name, transitively) of the changed files.
+Collisions never cross components, so the result equals a full rebuild (a test checks exactly that).
+Readers get an immutable :class:`LibraryState`; its sorted lists are built on first use, once per version.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -49,7 +57,12 @@ def check_compatible(path: Path, data: EmbeddingData, widths: dict[str, int], mo
 
 @dataclass
 class LibraryChange:
-    """What one mutation changed: names by which embeddings are reachable, new skips, new warnings."""
+    """What one mutation changed: names by which embeddings are reachable, new skips, new warnings.
+
+    ``version`` is the library version the change produced; ``entries`` are the embeddings now behind the
+    ``added`` and ``updated`` names and ``removed_paths`` the files behind the ``removed`` ones, so a client
+    can apply the change to its copy of the list without fetching it again.
+    """
 
     added: list[str] = field(default_factory=list)
     updated: list[str] = field(default_factory=list)
@@ -57,6 +70,9 @@ class LibraryChange:
     skipped: list[Skipped] = field(default_factory=list)
     unskipped: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    version: int = 0
+    entries: list[Embedding] = field(default_factory=list)
+    removed_paths: list[Path] = field(default_factory=list)
 
     def describe(self) -> dict:
         return {
@@ -74,7 +90,11 @@ class LibraryChange:
 
 @dataclass(frozen=True)
 class Record:
-    """One file as last read. ``ignored`` files (previews, empty files) are kept so they are not re-read."""
+    """One file as last read. ``ignored`` files (previews, empty files) are kept so they are not re-read.
+
+    ``seq`` orders reads: the number of the mutation that read the file (see ``EmbeddingLibrary``), so a
+    slow read can never overwrite the result of one that started later.
+    """
 
     path: Path
     root: int
@@ -85,23 +105,64 @@ class Record:
     error: str | None = None
     ignored: bool = False
     sha256: str = ""
+    seq: int = 0
 
     def order(self) -> tuple:
         """Collision precedence: earlier folder, then shallower, then path (case-insensitive, then exact)."""
-        return (self.root, len(self.rel.parts), str(self.rel).casefold(), str(self.rel))
+        cached = self.__dict__.get("_order")
+        if cached is None:
+            rel = str(self.rel)
+            cached = (self.root, len(self.rel.parts), rel.casefold(), rel)
+            object.__setattr__(self, "_order", cached)  # computed once: sorting calls it a lot
+        return cached
 
 
-@dataclass(frozen=True)
 class LibraryState:
-    records: dict[Path, Record] = field(default_factory=dict)
-    dirs: dict[str, Path] = field(default_factory=dict)  # real dir -> the path it was walked as
-    walk_warnings: tuple[str, ...] = ()
-    loaded: tuple[Embedding, ...] = ()
-    by_trigger: dict[str, Embedding] = field(default_factory=dict)
-    by_qualified: dict[str, Embedding] = field(default_factory=dict)
-    reach: dict[Path, str] = field(default_factory=dict)  # path -> the name that reaches it
-    skipped: tuple[Skipped, ...] = ()
-    warnings: tuple[str, ...] = ()
+    """An immutable view for readers: lookups by trigger and qualified name, sorted lists built lazily."""
+
+    def __init__(self, by_trigger: dict[str, Embedding] | None = None,
+                 by_qualified: dict[str, Embedding] | None = None,
+                 skips: dict[Path, tuple[tuple, Skipped]] | None = None, warnings: tuple[str, ...] = ()) -> None:
+        self.by_trigger = by_trigger or {}
+        self.by_qualified = by_qualified or {}
+        self._skips = skips or {}
+        self.warnings = warnings
+        #: The library version this snapshot shows (set when it is published).
+        self.version = 0
+        self._loaded: tuple[Embedding, ...] | None = None
+        self._skipped: tuple[Skipped, ...] | None = None
+        self._triggers: tuple[str, ...] | None = None
+
+    @property
+    def loaded(self) -> tuple[Embedding, ...]:
+        """Every loaded embedding (collision losers included), by trigger, then qualified name, then path."""
+        if self._loaded is None:
+            self._loaded = tuple(sorted(self.by_qualified.values(),
+                                        key=lambda e: (e.key, e.qualified.lower(), str(e.path))))
+        return self._loaded
+
+    @property
+    def skipped(self) -> tuple[Skipped, ...]:
+        if self._skipped is None:
+            self._skipped = tuple(skip for _, skip in sorted(self._skips.values(), key=lambda item: item[0]))
+        return self._skipped
+
+    @property
+    def triggers(self) -> tuple[str, ...]:
+        """All names usable in prompts: each trigger once, plus the qualified names that differ from it."""
+        if self._triggers is None:
+            names = {emb.trigger: None for emb in self.by_trigger.values()}
+            names.update({emb.qualified: None for emb in self.by_qualified.values() if emb.qualified.lower() != emb.key})
+            self._triggers = tuple(sorted(names, key=str.lower))
+        return self._triggers
+
+    @property
+    def loaded_count(self) -> int:
+        return len(self.by_qualified)
+
+    @property
+    def skipped_count(self) -> int:
+        return len(self._skips)
 
 
 def _name_options(rec: Record, trigger: str, roots: list[Path]) -> list[str]:
@@ -137,61 +198,205 @@ def _same_vectors(records: list[Record]) -> bool:
     )
 
 
-def build_state(records, dirs, walk_warnings, widths, label, roots) -> LibraryState:
-    skipped: list[Skipped] = []
-    claims: list[tuple[Record, str]] = []
-    notes: list[str] = []  # inner names not used as triggers
-    for rec in sorted(records.values(), key=Record.order):
-        if rec.ignored:
-            continue
-        reason = rec.error if rec.error is not None else incompatibility(rec.data, widths, label)
-        if reason is not None:
-            skipped.append(Skipped(rec.path, reason))
+class LibraryView:
+    """The writer's side of the library: records and everything derived from them, updated in place.
+
+    Not thread-safe by itself: the library applies updates under its lock and publishes
+    :meth:`snapshot` to readers.
+    """
+
+    def __init__(self, roots: list[Path], widths: dict[str, int], label: str) -> None:
+        self.roots = list(roots)
+        self.widths = dict(widths)
+        self.label = label
+        self.records: dict[Path, Record] = {}
+        self.dirs: dict[str, Path] = {}  # real dir -> the path it was walked as
+        self.walk_warnings: tuple[str, ...] = ()
+        self._skips: dict[Path, tuple[tuple, Skipped]] = {}
+        self._trigger: dict[Path, str] = {}  # claimant -> its trigger
+        self._groups: dict[str, list[tuple[tuple, Path]]] = {}  # trigger key -> claimants in precedence order
+        self._options: dict[Path, list[str]] = {}
+        self._holders: dict[str, set[Path]] = {}  # lowercased candidate qualified name -> claimants offering it
+        self._qualified: dict[Path, str] = {}
+        self._entries: dict[Path, Embedding] = {}
+        self._reach: dict[Path, str] = {}  # path -> the name that reaches it (trigger for a winner)
+        self._by_trigger: dict[str, Embedding] = {}
+        self._by_qualified: dict[str, Embedding] = {}
+        self._notes: dict[str, str] = {}  # trigger key -> its collision warning
+        self._parents: dict[Path, int] = {}  # folder -> how many records it holds directly
+        self._renamed: dict[Path, tuple[tuple, str]] = {}  # claimant -> warning: its inner name is not used
+
+    # --- reads -------------------------------------------------------------------------------------
+
+    def snapshot(self) -> LibraryState:
+        """An immutable copy for readers (dict copies: fast even for 10,000 files)."""
+        notes = tuple(self._notes[key] for key in sorted(self._notes))
+        renamed = tuple(note for _, note in sorted(self._renamed.values()))
+        return LibraryState(dict(self._by_trigger), dict(self._by_qualified), dict(self._skips),
+                            self.walk_warnings + renamed + notes)
+
+    def warnings(self) -> set[str]:
+        return set(self.walk_warnings) | {note for _, note in self._renamed.values()} | set(self._notes.values())
+
+    # --- updates -----------------------------------------------------------------------------------
+
+    def apply(self, updates: dict[Path, Record | None], walk_warnings: tuple[str, ...] | None = None) -> LibraryChange:
+        """Replace the records of ``updates`` (None: the file is gone) and re-derive what they touch."""
+        old_warnings = self.warnings()
+        before: dict[Path, tuple[str | None, Embedding | None]] = {}
+        old_skips: dict[Path, Skipped] = {}
+        keys: set[str] = set()
+        seeds: set[Path] = set()
+        for path, rec in updates.items():
+            self._forget(path, before, old_skips, keys, seeds)
+            if self.records.pop(path, None) is not None:
+                self._count_parent(path, -1)
+            if rec is not None:
+                self.records[path] = rec
+                self._count_parent(path, 1)
+                self._admit(rec, keys, seeds)
+        if walk_warnings is not None:
+            self.walk_warnings = walk_warnings
+        self._requalify(seeds, keys)
+        self._regroup(keys, before)
+        return self._change(updates, before, old_skips, old_warnings, keys)
+
+    def holds_folder(self, folder: Path) -> bool:
+        """Whether some record lies under ``folder`` (cost: the number of folders holding records)."""
+        prefix = str(folder) + "/"
+        return any(parent == folder or str(parent).startswith(prefix) for parent in self._parents)
+
+    def _count_parent(self, path: Path, delta: int) -> None:
+        parent = path.parent
+        count = self._parents.get(parent, 0) + delta
+        if count > 0:
+            self._parents[parent] = count
         else:
-            claims.append((rec, decide_trigger(rec.path, rec.data)))
-            renamed = ignored_inner_name(rec.path, rec.data)
-            if renamed is not None:
-                notes.append(renamed)
-    qualified = _qualify(claims, roots)
-    groups: dict[str, list[tuple[Record, str]]] = {}
-    for rec, trigger in claims:
-        groups.setdefault(trigger.lower(), []).append((rec, trigger))
-    by_trigger, by_qualified, reach, loaded, warnings = {}, {}, {}, [], []
-    for key in sorted(groups):
-        group = groups[key]
-        note = ()
-        if len(group) > 1:
-            same = " (identical vectors)" if _same_vectors([rec for rec, _ in group]) else ""
-            others = "; ".join(f"{rec.path} is reachable as <{qualified[rec.path]}>" for rec, _ in group[1:])
-            note = (f"{len(group)} files claim the trigger '{group[0][1]}'{same}: using {group[0][0].path}; {others}",)
-            warnings.extend(note)
-        for position, (rec, trigger) in enumerate(group):
-            emb = Embedding(trigger, qualified[rec.path], rec.path, rec.data, rec.sha256, rec.size, rec.mtime_ns, note)
-            if position == 0:
-                by_trigger[key] = emb
-            by_qualified[emb.qualified.lower()] = emb
-            reach[rec.path] = trigger if position == 0 else emb.qualified
-            loaded.append(emb)
-    loaded.sort(key=lambda e: (e.key, e.qualified.lower(), str(e.path)))
-    return LibraryState(records, dirs, tuple(walk_warnings), tuple(loaded), by_trigger, by_qualified, reach,
-                  tuple(skipped), tuple(walk_warnings) + tuple(notes) + tuple(warnings))
+            self._parents.pop(parent, None)
 
+    def rebuild(self) -> LibraryChange:
+        """Re-derive everything (the model's encoder widths changed); no file is read."""
+        return self.apply(dict(self.records))
 
-def diff(old: LibraryState, new: LibraryState) -> LibraryChange:
-    before = {e.path: e for e in old.loaded}
-    after = {e.path: e for e in new.loaded}
+    def _forget(self, path: Path, before: dict, old_skips: dict, keys: set[str], seeds: set[Path]) -> None:
+        skip = self._skips.pop(path, None)
+        if skip is not None:
+            old_skips[path] = skip[1]
+        self._renamed.pop(path, None)
+        trigger = self._trigger.pop(path, None)
+        if trigger is None:
+            return
+        key = trigger.lower()
+        keys.add(key)
+        group = self._groups[key]
+        group[:] = [item for item in group if item[1] != path]
+        if not group:
+            del self._groups[key]
+        for option in self._options.pop(path):
+            holders = self._holders[option.lower()]
+            holders.discard(path)
+            seeds |= holders
+            if not holders:
+                del self._holders[option.lower()]
+        before.setdefault(path, (self._reach.get(path), self._entries.get(path)))
+        self._qualified.pop(path, None)
+        self._reach.pop(path, None)
+        emb = self._entries.pop(path, None)
+        if emb is not None and self._by_qualified.get(emb.qualified.lower()) is emb:
+            del self._by_qualified[emb.qualified.lower()]
 
-    def changed(path: Path) -> bool:
-        a, b = before[path], after[path]
-        content = a.sha256 != b.sha256 if a.sha256 and b.sha256 else a.data is not b.data
-        return content or old.reach[path] != new.reach[path] or a.qualified != b.qualified
+    def _admit(self, rec: Record, keys: set[str], seeds: set[Path]) -> None:
+        if rec.ignored:
+            return
+        reason = rec.error if rec.error is not None else incompatibility(rec.data, self.widths, self.label)
+        if reason is not None:
+            self._skips[rec.path] = (rec.order(), Skipped(rec.path, reason))
+            return
+        trigger = decide_trigger(rec.path, rec.data)
+        renamed = ignored_inner_name(rec.path, rec.data)
+        if renamed is not None:
+            self._renamed[rec.path] = (rec.order(), renamed)
+        key = trigger.lower()
+        keys.add(key)
+        self._trigger[rec.path] = trigger
+        bisect.insort(self._groups.setdefault(key, []), (rec.order(), rec.path))
+        options = _name_options(rec, trigger, self.roots)
+        self._options[rec.path] = options
+        for option in options:
+            self._holders.setdefault(option.lower(), set()).add(rec.path)
+        seeds.add(rec.path)
 
-    old_skips, new_skips = set(old.skipped), {s.path for s in new.skipped}
-    return LibraryChange(
-        added=sorted((new.reach[p] for p in after if p not in before), key=str.lower),
-        updated=sorted((new.reach[p] for p in after if p in before and changed(p)), key=str.lower),
-        removed=sorted((old.reach[p] for p in before if p not in after), key=str.lower),
-        skipped=[s for s in new.skipped if s not in old_skips],
-        unskipped=sorted({s.path for s in old.skipped} - new_skips),
-        warnings=[w for w in new.warnings if w not in set(old.warnings)],
-    )
+    def _requalify(self, seeds: set[Path], keys: set[str]) -> None:
+        """Qualified names of the collision component of ``seeds`` (files sharing a candidate name)."""
+        component: set[Path] = set()
+        frontier = [p for p in seeds if p in self._trigger]
+        while frontier:
+            path = frontier.pop()
+            if path in component:
+                continue
+            component.add(path)
+            for option in self._options[path]:
+                frontier.extend(p for p in self._holders[option.lower()] if p not in component)
+        claims = sorted(((self.records[p], self._trigger[p]) for p in component), key=lambda c: c[0].order())
+        for path, name in _qualify(claims, self.roots).items():
+            if self._qualified.get(path) != name:
+                self._qualified[path] = name
+                keys.add(self._trigger[path].lower())
+
+    def _regroup(self, keys: set[str], before: dict) -> None:
+        """Winner, warning and entries of every trigger group in ``keys``."""
+        for key in keys:  # first drop the groups' old entries: qualified names may move between them
+            self._notes.pop(key, None)
+            self._by_trigger.pop(key, None)
+            for _, path in self._groups.get(key, ()):
+                before.setdefault(path, (self._reach.get(path), self._entries.get(path)))
+                emb = self._entries.pop(path, None)
+                if emb is not None and self._by_qualified.get(emb.qualified.lower()) is emb:
+                    del self._by_qualified[emb.qualified.lower()]
+        for key in keys:
+            group = [self.records[path] for _, path in self._groups.get(key, ())]
+            if not group:
+                continue
+            note: tuple[str, ...] = ()
+            if len(group) > 1:
+                same = " (identical vectors)" if _same_vectors(group) else ""
+                others = "; ".join(f"{rec.path} is reachable as <{self._qualified[rec.path]}>" for rec in group[1:])
+                note = (f"{len(group)} files claim the trigger '{self._trigger[group[0].path]}'{same}: using "
+                        f"{group[0].path}; {others}",)
+                self._notes[key] = note[0]
+            for position, rec in enumerate(group):
+                trigger, qualified = self._trigger[rec.path], self._qualified[rec.path]
+                emb = Embedding(trigger, qualified, rec.path, rec.data, rec.sha256, rec.size, rec.mtime_ns, note)
+                self._entries[rec.path] = emb
+                self._by_qualified[qualified.lower()] = emb
+                self._reach[rec.path] = trigger if position == 0 else qualified
+                if position == 0:
+                    self._by_trigger[key] = emb
+
+    def _change(self, updates: dict, before: dict, old_skips: dict[Path, Skipped], old_warnings: set[str],
+                keys: set[str]) -> LibraryChange:
+        change = LibraryChange()
+        for path, (old_reach, old) in before.items():
+            new = self._entries.get(path)
+            if old is None and new is not None:
+                change.added.append(self._reach[path])
+                change.entries.append(new)
+            elif old is not None and new is None:
+                change.removed.append(old_reach)
+                change.removed_paths.append(path)
+            elif old is not None and new is not None:
+                content = old.sha256 != new.sha256 if old.sha256 and new.sha256 else old.data is not new.data
+                if content or old_reach != self._reach[path] or old.qualified != new.qualified:
+                    change.updated.append(self._reach[path])
+                    change.entries.append(new)
+        for name_list in (change.added, change.updated, change.removed):
+            name_list.sort(key=str.lower)
+        new_skips = [self._skips[p] for p in updates if p in self._skips and self._skips[p][1] != old_skips.get(p)]
+        change.skipped = [skip for _, skip in sorted(new_skips, key=lambda item: item[0])]
+        change.unskipped = sorted(p for p in old_skips if p not in self._skips)
+        walk_new = [w for w in self.walk_warnings if w not in old_warnings]
+        walk_new += [note for _, note in sorted(self._renamed[p] for p in updates if p in self._renamed)
+                     if note not in old_warnings]
+        notes_new = [self._notes[k] for k in sorted(keys) if k in self._notes and self._notes[k] not in old_warnings]
+        change.warnings = walk_new + notes_new
+        return change

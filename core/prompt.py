@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from sdrepl.core.bare_names import BareNames
 from sdrepl.core.embedding import Embedding
 from sdrepl.core.errors import PromptError
 
@@ -226,15 +227,10 @@ def _is_float(text: str) -> bool:
 
 
 @functools.lru_cache(maxsize=16)
-def _bare_pattern(names: tuple[str, ...]) -> re.Pattern[str] | None:
-    """One regex matching any of ``names`` as a whole word, longest first (cached per set of names)."""
-    if not names:
-        return None
-    ordered = sorted({n for n in names if n.strip()}, key=lambda n: (-len(n), n))
-    if not ordered:
-        return None
-    alternatives = "|".join(re.escape(n) for n in ordered)
-    return re.compile(rf"(?<![\w-])(?:{alternatives})(?![\w-])", re.I)
+def _bare_pattern(names: tuple[str, ...]) -> BareNames | None:
+    """A matcher of ``names`` as whole words, longest first (cached per set of names; see core/bare_names)."""
+    matcher = BareNames(names)
+    return matcher if matcher else None
 
 
 class _Resolver:
@@ -297,7 +293,7 @@ def _or_list(names: Sequence[str]) -> str:
     return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
 
 
-def _split_text(text: str, weight: float, resolver: _Resolver, bare: re.Pattern[str] | None) -> list[Piece]:
+def _split_text(text: str, weight: float, resolver: _Resolver, bare: BareNames | None) -> list[Piece]:
     """Find ``embedding:name`` and bare names in a run of plain text."""
     pieces: list[Piece] = []
     pos = 0
@@ -311,7 +307,7 @@ def _split_text(text: str, weight: float, resolver: _Resolver, bare: re.Pattern[
     return pieces
 
 
-def _split_bare(text: str, weight: float, resolver: _Resolver, bare: re.Pattern[str] | None) -> list[Piece]:
+def _split_bare(text: str, weight: float, resolver: _Resolver, bare: BareNames | None) -> list[Piece]:
     if not text:
         return []
     if bare is None:

@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from sdrepl.daemon.residency import ModelResidency
 
 
+#: Most entries an ``embeddings`` event carries; a bigger change (a folder copied in) tells clients to fetch.
+EVENT_ENTRIES_MAX = 1000
+
+
 @dataclass
 class DaemonContext:
     """The daemon's state as handlers see it (the training handlers keep their job in ``training``)."""
@@ -86,9 +90,19 @@ class DaemonContext:
             self.residency.touch()
 
     def apply_library_change(self, change: Any) -> None:
-        """Tell the clients about a library change (thread-safe); nothing when the change is empty."""
+        """Tell the clients about a library change (thread-safe); nothing when the change is empty.
+
+        The event carries the change's own version and, unless the change is huge, the entries of what
+        was added or updated and the paths of what was removed, so clients apply it without a re-fetch.
+        """
         if change:
-            self.broadcast("embeddings", change=change.describe(), version=self.library.version)
+            fields: dict[str, Any] = {"change": change.describe(),
+                                      "version": getattr(change, "version", 0) or self.library.version}
+            entries = getattr(change, "entries", None)
+            if entries is not None and len(entries) + len(change.removed_paths) <= EVENT_ENTRIES_MAX:
+                fields["embeddings"] = [e.describe() for e in entries]
+                fields["removed_paths"] = [str(p) for p in change.removed_paths]
+            self.broadcast("embeddings", **fields)
 
     def request_shutdown(self, reason: str) -> None:
         """Start a graceful shutdown (thread-safe)."""

@@ -83,7 +83,7 @@ def status_result(ctx: DaemonContext) -> dict[str, Any]:
         "state": ctx.model_state,
         "model": residency.description if residency is not None else None,
         "memory": memory_info(model.device if model is not None else None),
-        "embeddings": {"loaded": len(ctx.library.embeddings()), "skipped": len(ctx.library.skipped()),
+        "embeddings": {"loaded": ctx.library.counts()[0], "skipped": ctx.library.counts()[1],
                        "folders": [str(f) for f in ctx.library.folders]},
         "queue": {"pending": ctx.worker.pending, "running": ctx.worker.running},
         "training": training_summary(ctx),
@@ -157,10 +157,13 @@ async def tokens(ctx: DaemonContext, params: dict, req: Request) -> dict:
 @handler("embeddings")
 async def embeddings(ctx: DaemonContext, params: dict, req: Request) -> dict:
     Params(params, "embeddings").finish()
-    lib = ctx.library
-    version = lib.version
-    return {"embeddings": [e.describe() for e in lib.embeddings()], "skipped": [s.describe() for s in lib.skipped()],
-            "warnings": lib.warnings(), "version": version}
+    state = ctx.library.snapshot()  # one snapshot: the lists and the version agree
+
+    def listing() -> dict:  # a thread: sorting and describing 10,000 entries takes a while
+        return {"embeddings": [e.describe() for e in state.loaded], "skipped": [s.describe() for s in state.skipped],
+                "warnings": list(state.warnings), "version": state.version}
+
+    return await asyncio.to_thread(listing)
 
 
 @handler("show")
@@ -189,7 +192,7 @@ async def reload(ctx: DaemonContext, params: dict, req: Request) -> dict:
     ctx.apply_library_change(change)
     from sdrepl.daemon.networks import reload_networks
 
-    return {"change": change.describe(), "version": ctx.library.version, **(await reload_networks(ctx))}
+    return {"change": change.describe(), "version": change.version, **(await reload_networks(ctx))}
 
 
 @handler("convert")

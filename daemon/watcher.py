@@ -15,9 +15,18 @@ A file read while incomplete becomes skipped-with-reason in the library and is r
 event, so the close after the last piece always leaves it loaded. Hidden files and folders and the
 temporaries of :mod:`sdrepl.core.atomic` are ignored.
 
-All library calls run in order on one thread of this module (the library is thread-safe, but serial
-processing means a late event can never overwrite the effect of a newer one); changes reach the clients
-through ``on_change`` (``DaemonContext.apply_library_change``, which is thread-safe).
+**Bursts are batched.** Events are queued by the observer thread and applied by one processing thread
+of this module: everything queued when it wakes is one batch, split into runs of the same kind (updates,
+removals; order between runs is kept, so a late event never undoes a newer one), each run one library
+call of at most :data:`BATCH_MAX` paths and one change for the clients. 2,000 files copied in at once are
+a handful of library calls, not 2,000 rebuilds, and a file dropped while a big folder fills waits only
+for the batch in progress.
+
+The library this module serves is anything with the small interface of :class:`WatchedLibrary`
+(``update_paths``, ``remove_paths``, returning change objects that are falsy when nothing changed and
+have ``describe()``); the embedding library is one, and other libraries (LoRA) can be served the same
+way. Changes reach the clients through ``on_change`` (``DaemonContext.apply_library_change``, which is
+thread-safe).
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -56,9 +65,21 @@ QUIET_S = 0.2
 MAX_WAIT_S = 2.0
 #: Settle time for a created file (complete when moved in from outside; else a close follows soon).
 CREATED_SETTLE_S = 0.05
+#: Most paths in one library call (bounds the work before the next change goes out, and its event's size).
+BATCH_MAX = 500
 #: What the watcher asks inotify for: no open/close-without-write events (the library's own reads).
 EVENT_FILTER = [FileClosedEvent, FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, FileDeletedEvent,
                 DirDeletedEvent, FileMovedEvent, DirMovedEvent]
+
+
+class WatchedLibrary(Protocol):
+    """What the watcher needs from a library: apply a batch of changed or removed paths, say what changed."""
+
+    def update_paths(self, paths: Sequence[Path], *, force: bool = False) -> Any:
+        """Files or folders created, modified or moved in (a path that no longer exists counts as removed)."""
+
+    def remove_paths(self, paths: Sequence[Path]) -> Any:
+        """Files or folder subtrees deleted or moved out."""
 
 
 class _Handler(FileSystemEventHandler):
@@ -75,7 +96,7 @@ class _Handler(FileSystemEventHandler):
 class FolderWatcher:
     """Watches ``folders`` recursively and feeds ``library`` (``update_path`` / ``remove_path``)."""
 
-    def __init__(self, folders: Sequence[Path], library: Any, on_change: Callable[[Any], None], *,
+    def __init__(self, folders: Sequence[Path], library: WatchedLibrary, on_change: Callable[[Any], None], *,
                  polling: bool = False) -> None:
         self.folders = [Path(os.path.abspath(f)) for f in folders]
         self.library = library
@@ -88,8 +109,9 @@ class FolderWatcher:
         self._debounce: dict[str, tuple[float, float]] = {}  # path -> (first seen, due)
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="sdrepl-watcher", daemon=True)
-        #: Library calls made (op, path), for tests and the benchmark.
+        #: Paths handed to the library, and library calls made (for tests and the benchmark).
         self.processed = 0
+        self.calls = 0
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -199,43 +221,58 @@ class FolderWatcher:
                 while True:
                     if self._stopping:
                         return
-                    if self._now:
-                        batch = list(self._now)
-                        self._now.clear()
-                        break
                     now = time.monotonic()
                     due = [p for p, (_, when) in self._debounce.items() if when <= now]
-                    if due:
+                    if self._now or due:  # both kinds each time: a stream of closes never starves the others
                         for path in due:
                             del self._debounce[path]
-                        batch = [("update", p) for p in due]
+                        batch = [("update", p) for p in due] + list(self._now)
+                        self._now.clear()
                         break
                     wait = min((when for _, when in self._debounce.values()), default=now + 60.0) - now
                     self._cond.wait(max(wait, 0.001))
-            for op, path in batch:
-                self._process(op, path)
+            for op, paths in _runs(batch):
+                for start in range(0, len(paths), BATCH_MAX):
+                    self._process(op, paths[start : start + BATCH_MAX])
 
-    def _process(self, op: str, path: str) -> None:
+    def _process(self, op: str, paths: list[str]) -> None:
         try:
             if op == "remove":
-                change = self.library.remove_path(Path(path))
+                change = self.library.remove_paths([Path(p) for p in paths])
             else:
                 # An event means the file changed, even when its size and mtime say otherwise.
-                change = self.library.update_path(Path(path), force=True)
+                change = self.library.update_paths([Path(p) for p in paths], force=True)
         except Exception:
-            log.exception("watcher: the library failed on %s %s", op, path)
+            log.exception("watcher: the library failed on %s of %d path(s), first %s", op, len(paths), paths[0])
             return
-        self.processed += 1
+        self.processed += len(paths)
+        self.calls += 1
         if change:
-            log.info("embeddings: %s %s -> %s", op, path, _summary(change))
+            where = paths[0] if len(paths) == 1 else f"{len(paths)} paths"
+            log.info("embeddings: %s %s -> %s", op, where, _summary(change))
             try:
                 self.on_change(change)
             except Exception:
                 log.exception("watcher: announcing a library change failed")
 
 
-def _summary(change: Any) -> str:
-    described = change.describe()
-    parts = [f"{key} {', '.join(v if isinstance(v, str) else v.get('path', str(v)) for v in values)}"
-             for key, values in described.items() if values]
+def _runs(batch: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """Consecutive events of one kind as one run, each path once (its latest event within the run)."""
+    runs: list[tuple[str, list[str]]] = []
+    for op, path in batch:
+        if runs and runs[-1][0] == op:
+            runs[-1][1].append(path)
+        else:
+            runs.append((op, [path]))
+    return [(op, list(dict.fromkeys(paths))) for op, paths in runs]
+
+
+def _summary(change: Any, most: int = 5) -> str:
+    """One log line: up to ``most`` names per kind, then how many more (a burst changes thousands)."""
+    parts = []
+    for key, values in change.describe().items():
+        if values:
+            names = [v if isinstance(v, str) else v.get("path", str(v)) for v in values[:most]]
+            more = f" (+{len(values) - most} more)" if len(values) > most else ""
+            parts.append(f"{key} {', '.join(names)}{more}")
     return "; ".join(parts) or "no change"

@@ -42,6 +42,8 @@ class ReplState:
     loras: list[dict[str, Any]] = field(default_factory=list)
     hypernetworks: list[dict[str, Any]] = field(default_factory=list)
     library_version: int | None = None
+    #: The list may be incomplete (an event could not be applied as it is): the feed fetches it again.
+    library_stale: bool = False
     budget: Budget | None = None
     model: dict[str, Any] | None = None
     model_state: str = "unknown"
@@ -80,16 +82,27 @@ class ReplState:
         self.changed()
 
     def set_embeddings(self, result: dict[str, Any]) -> None:
-        """Replace the library with an ``embeddings`` reply (the full truth; events only say what moved)."""
+        """Replace the library with an ``embeddings`` reply (the full truth at its version)."""
         self.embeddings = sorted(result.get("embeddings", []), key=lambda e: e["name"].lower())
         self.skipped = list(result.get("skipped", []))
         self.library_version = result.get("version", self.library_version)
+        self.library_stale = False
         self.changed()
 
     def set_networks(self, kind: str, items: list[dict[str, Any]]) -> None:
         """Replace the LoRA (``kind`` "loras") or hypernetwork list with a fresh reply's."""
         setattr(self, kind, sorted(items, key=lambda n: str(n.get("name", "")).lower()))
         self.changed()
+
+    def _apply_library_delta(self, event: dict[str, Any]) -> None:
+        """Fold one ``embeddings`` event's entries into the list: by file, so name collisions cannot confuse it."""
+        entries = [e for e in event.get("embeddings") or [] if isinstance(e, dict) and "name" in e]
+        drop = {str(p) for p in event.get("removed_paths") or []} | {str(e.get("path")) for e in entries}
+        kept = [e for e in self.embeddings if str(e.get("path")) not in drop]
+        self.embeddings = sorted(kept + entries, key=lambda e: e["name"].lower())
+        change = event.get("change") or {}
+        gone = {str(p) for p in change.get("unskipped") or []} | {str(s.get("path")) for s in change.get("skipped") or []}
+        self.skipped = [s for s in self.skipped if str(s.get("path")) not in gone] + list(change.get("skipped") or [])
 
     def set_model(self, model: dict[str, Any] | None, state: str | None = None) -> None:
         self.model = model
@@ -112,22 +125,32 @@ class ReplState:
     def apply_event(self, event: dict[str, Any]) -> list[str]:
         """Fold one daemon event into the state; return the notification lines it deserves.
 
-        An ``embeddings`` event carries names only: added names become completable at once (with their
-        details unknown until the feed's refresh arrives) and removed names stop being offered at once.
+        An ``embeddings`` event that follows the version we have and carries the entries (protocol 2) is
+        applied as it is: the list stays complete and nothing is fetched. Otherwise (a version skipped, a
+        change too big to carry, an old daemon) added names become completable at once, removed names
+        stop being offered, and :attr:`library_stale` asks the feed to fetch the full list.
         """
         kind = event.get("event")
         lines: list[str] = []
         if kind == "embeddings":
             change = event.get("change") or {}
             lines = describe_library_change(change)
-            known = {e["name"] for e in self.embeddings}
-            removed = set(change.get("removed") or [])
-            self.embeddings = [e for e in self.embeddings if e["name"] not in removed]
-            for name in change.get("added") or []:
-                if name not in known:
-                    self.embeddings.append({"name": name})
-            self.embeddings.sort(key=lambda e: e["name"].lower())
-            self.library_version = event.get("version", self.library_version)
+            version = event.get("version")
+            if isinstance(version, int) and self.library_version is not None and version <= self.library_version:
+                pass  # already in the list we have (it was fetched after this change)
+            elif (isinstance(version, int) and version == (self.library_version or 0) + 1
+                  and isinstance(event.get("embeddings"), list) and self.library_version is not None):
+                self._apply_library_delta(event)
+                self.library_version = version
+            else:
+                known = {e["name"] for e in self.embeddings}
+                removed = set(change.get("removed") or [])
+                self.embeddings = [e for e in self.embeddings if e["name"] not in removed]
+                for name in change.get("added") or []:
+                    if name not in known:
+                        self.embeddings.append({"name": name})
+                self.embeddings.sort(key=lambda e: e["name"].lower())
+                self.library_stale = True
         elif kind in ("loras", "hypernetworks"):
             change = event.get("change") or {}
             lines = describe_library_change(change, "LoRAs" if kind == "loras" else "hypernetworks", "lora")
@@ -190,8 +213,9 @@ def describe_job_end(job: dict[str, Any]) -> str:
 class StateFeed:
     """Keeps a :class:`ReplState` live from one daemon connection: initial snapshot, then its events.
 
-    After an ``embeddings`` event the full list is fetched again (coalesced: one refresh in flight at a
-    time, one more queued at most), so completion metadata (vectors, file) follows without a restart.
+    An ``embeddings`` event is applied as a delta (it carries the entries); only when one cannot be
+    (a version was skipped, the change was too big to carry) is the full list fetched again (coalesced:
+    one refresh in flight at a time, one more queued at most).
     """
 
     def __init__(self, client: Any, state: ReplState) -> None:
@@ -234,7 +258,7 @@ class StateFeed:
         """Event listener (runs on the loop): fold into the state, refresh details when the library moved."""
         try:
             self.state.apply_event(event)
-            if event.get("event") == "embeddings":
+            if event.get("event") == "embeddings" and self.state.library_stale:
                 self.schedule_refresh()
             elif event.get("event") in ("loras", "hypernetworks"):
                 self._spawn(self.refresh_networks(event["event"]))
