@@ -73,7 +73,11 @@ EVENT_FILTER = [FileClosedEvent, FileCreatedEvent, DirCreatedEvent, FileModified
 
 
 class WatchedLibrary(Protocol):
-    """What the watcher needs from a library: apply a batch of changed or removed paths, say what changed."""
+    """What the watcher needs from a library: apply a batch of changed or removed paths, say what changed.
+
+    A library that offers only ``update_path(path, *, force)`` / ``remove_path(path)`` is served too, one
+    call per path (no batching).
+    """
 
     def update_paths(self, paths: Sequence[Path], *, force: bool = False) -> Any:
         """Files or folders created, modified or moved in (a path that no longer exists counts as removed)."""
@@ -94,7 +98,7 @@ class _Handler(FileSystemEventHandler):
 
 
 class FolderWatcher:
-    """Watches ``folders`` recursively and feeds ``library`` (``update_path`` / ``remove_path``)."""
+    """Watches ``folders`` recursively and feeds ``library`` (see :class:`WatchedLibrary`)."""
 
     def __init__(self, folders: Sequence[Path], library: WatchedLibrary, on_change: Callable[[Any], None], *,
                  polling: bool = False) -> None:
@@ -236,12 +240,18 @@ class FolderWatcher:
                     self._process(op, paths[start : start + BATCH_MAX])
 
     def _process(self, op: str, paths: list[str]) -> None:
+        batch = getattr(self.library, "remove_paths" if op == "remove" else "update_paths", None)
+        if batch is None:  # a library with only the one-path methods: one call (and change) per path
+            for path in paths:
+                self._call(op, [path], getattr(self.library, f"{op}_path"), single=True)
+        else:
+            self._call(op, paths, batch)
+
+    def _call(self, op: str, paths: list[str], method: Callable[..., Any], single: bool = False) -> None:
+        args = Path(paths[0]) if single else [Path(p) for p in paths]
         try:
-            if op == "remove":
-                change = self.library.remove_paths([Path(p) for p in paths])
-            else:
-                # An event means the file changed, even when its size and mtime say otherwise.
-                change = self.library.update_paths([Path(p) for p in paths], force=True)
+            # An event means the file changed, even when its size and mtime say otherwise.
+            change = method(args) if op == "remove" else method(args, force=True)
         except Exception:
             log.exception("watcher: the library failed on %s of %d path(s), first %s", op, len(paths), paths[0])
             return
