@@ -10,18 +10,20 @@ ceil(count / 75))``. Unlike A1111, embeddings moved by the comma backtrack move 
 
 This runs on every keystroke, so text is never sent to the tokenizer as a whole: CLIP's BPE never crosses
 whitespace, so a piece of text tokenizes as the concatenation of its words, and both pieces and words are
-cached per tokenizer.
+cached per tokenizer. Each piece is first normalised as A1111's tokenizer does it
+(:func:`sdrepl.core.normalize.normalize_text`: ftfy, then whitespace), here and only here, so the budget,
+the conditioning and init texts all see the same tokens.
 """
 
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from sdrepl.core.embedding import Embedding
 from sdrepl.core.errors import PromptError
+from sdrepl.core.normalize import normalize_text
 from sdrepl.core.prompt import (
     BreakPiece,
     EmbeddingLookup,
@@ -36,8 +38,6 @@ CHUNK = 75
 #: The id written where an embedding's vectors go; the encoder overwrites those rows, so any id works
 #: except BOS/EOS (the EOS position matters to pooled outputs). A1111 uses 0 as well.
 PLACEHOLDER = 0
-#: Unicode White_Space, which is what the tokenizer's ``\s`` means (Python's ``str.split`` adds \x1c-\x1f).
-_WHITESPACE = re.compile(r"[ \t\n\r\f\v\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
 
 
 # --- cached tokenization --------------------------------------------------------------------------------
@@ -57,7 +57,7 @@ class TokenCache:
         self.comma = ids[0] if len(ids) == 1 else None
 
     def _piece_ids(self, text: str) -> tuple[int, ...]:
-        words = [w for w in _WHITESPACE.split(text) if w]
+        words = [w for w in normalize_text(text).split(" ") if w]
         known = self._words
         parts = [known.get(w) for w in words]
         missing = list(dict.fromkeys(w for w, ids in zip(words, parts, strict=True) if ids is None))
@@ -242,7 +242,7 @@ def chunk_prompt(
 ) -> tuple[list[Chunk], Budget]:
     """Parse and chunk ``text``: the chunks for the encoder and the budget for the user, from one pass."""
     options = options or PromptOptions()
-    parsed = parse_prompt(text, lookup, bare_names=options.bare_names)
+    parsed = parse_prompt(text, lookup, bare_names=options.bare_names, emphasis=options.emphasis)
     chunks, count = chunk_parsed(parsed, tokenizer, options.comma_window)
     cache = token_cache(tokenizer)
     budget = Budget(

@@ -126,6 +126,32 @@ def _takes_causal_mask(layer_type: type) -> bool:
     return "causal_attention_mask" in inspect.signature(layer_type.forward).parameters
 
 
+@functools.lru_cache(maxsize=1)
+def _causal_mask_arguments() -> tuple[str, str, str | None]:
+    """How this transformers' ``create_causal_mask`` names its inputs: the embeddings (``inputs_embeds``;
+    ``input_embeds`` before 4.56), the cache (``cache`` from 5.x; ``past_key_values``, which 5.40 removes,
+    before) and whether it still needs ``cache_position`` (4.x, 5.0). Read from its signature, so no
+    version numbers are compared and a deprecated name is never passed."""
+    from transformers.masking_utils import create_causal_mask
+
+    names = inspect.signature(create_causal_mask).parameters
+    embeds = "inputs_embeds" if "inputs_embeds" in names else "input_embeds"
+    cache = "cache" if "cache" in names else "past_key_values"
+    position = "cache_position" if "cache_position" in names else None
+    return embeds, cache, position
+
+
+def _causal_mask(config: Any, hidden: torch.Tensor) -> Any:
+    """The causal mask CLIP's own forward builds (``create_causal_mask`` with no cache or padding mask)."""
+    from transformers.masking_utils import create_causal_mask
+
+    embeds, cache, position = _causal_mask_arguments()
+    kwargs: dict[str, Any] = {"config": config, embeds: hidden, "attention_mask": None, cache: None}
+    if position is not None:
+        kwargs[position] = torch.arange(hidden.shape[1], device=hidden.device)
+    return create_causal_mask(**kwargs)
+
+
 def _run_layers(tm: Any, hidden: torch.Tensor, count: int, start: int = 0) -> torch.Tensor:
     """Run encoder layers ``start`` to ``count - 1`` exactly as the model's forward does."""
     layers = tm.encoder.layers
@@ -136,11 +162,7 @@ def _run_layers(tm: Any, hidden: torch.Tensor, count: int, start: int = 0) -> to
         for layer in layers[start:count]:
             hidden = layer(hidden, None, causal)[0]
         return hidden
-    from transformers.masking_utils import create_causal_mask
-
-    mask = create_causal_mask(
-        config=tm.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None
-    )
+    mask = _causal_mask(tm.config, hidden)
     for layer in layers[start:count]:
         out = layer(hidden, mask, is_causal=True)
         hidden = out[0] if isinstance(out, tuple) else out
@@ -237,7 +259,8 @@ def _encode_one(model: Any, text: str, lookup: EmbeddingLookup, options: PromptO
     chunks, budget = chunk_prompt(text, model.tokenizer, lookup, options)
     inputs = chunk_inputs(chunks, model.tokenizer, encoder_key=_encoder_key(model))
     _check_widths(model, inputs)
-    return encode_chunks(model.text_encoder, inputs, options.clip_skip), budget
+    restore_mean = options.emphasis == "Original"  # "No norm" scales only; the others have no weights
+    return encode_chunks(model.text_encoder, inputs, options.clip_skip, restore_mean=restore_mean), budget
 
 
 def _check_widths(model: Any, inputs: Sequence[ChunkInput]) -> None:
@@ -249,6 +272,13 @@ def _check_widths(model: Any, inputs: Sequence[ChunkInput]) -> None:
                     f"an embedding in this prompt is {vectors.shape[-1]} wide but the model's text encoder is "
                     f"{width} wide (it was made for another model family)"
                 )
+
+
+def encode_flat(model: Any, text: str, lookup: EmbeddingLookup, options: PromptOptions) -> tuple[torch.Tensor, Any]:
+    """One flat text (no editing or ``AND``: :mod:`sdrepl.core.schedule` has resolved those) as
+    ``[1, 77*k, D]`` with its :class:`~sdrepl.core.budget.Budget`; the caller decides about autograd."""
+    z, budget = _encode_one(model, text, lookup, options)
+    return join_chunks(z), budget
 
 
 def encode_text(

@@ -144,18 +144,19 @@ def frame_both(chunks: Sequence[Chunk], model: Any,
     return framed
 
 
-def _both(model: Any, framed: Mapping[str, Sequence[ChunkInput]], clip_skip: int):
+def _both(model: Any, framed: Mapping[str, Sequence[ChunkInput]], clip_skip: int, restore_mean: bool = True):
     """Every chunk through both encoders: ``[k, 77, 2048]`` and every chunk's pooled ``[k, 1280]``."""
     (_, _, enc_l), (_, _, enc_g) = _encoders(model)
-    z_l, _ = encode_encoder_chunks(enc_l, framed[CLIP_L], clip_skip)
-    z_g, pooled = encode_encoder_chunks(enc_g, framed[CLIP_G], clip_skip, pooled=True)
+    z_l, _ = encode_encoder_chunks(enc_l, framed[CLIP_L], clip_skip, restore_mean=restore_mean)
+    z_g, pooled = encode_encoder_chunks(enc_g, framed[CLIP_G], clip_skip, pooled=True, restore_mean=restore_mean)
     return torch.cat([z_l, z_g.to(z_l.dtype)], dim=-1), pooled
 
 
 def encode_sdxl_chunks(model: Any, framed: Mapping[str, Sequence[ChunkInput]], clip_skip: int = 1,
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[k, 77, 2048]`` and the first chunk's pooled ``[1, 1280]`` from :func:`frame_both`'s inputs."""
-    z, pooled = _both(model, framed, clip_skip)
+                       *, restore_mean: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[k, 77, 2048]`` and the first chunk's pooled ``[1, 1280]`` from :func:`frame_both`'s inputs
+    (``restore_mean=False``: A1111's "No norm" emphasis)."""
+    z, pooled = _both(model, framed, clip_skip, restore_mean)
     return z, pooled[:1]
 
 
@@ -173,8 +174,20 @@ def encode_sdxl_batch(model: Any, per_text: Sequence[Sequence[Chunk]],
 
 def _encode_one(model: Any, text: str, lookup: EmbeddingLookup, options: PromptOptions):
     chunks, budget = chunk_prompt(text, model.tokenizer, lookup, options)
-    z, pooled = encode_sdxl_chunks(model, frame_both(chunks, model), options.clip_skip)
+    z, pooled = encode_sdxl_chunks(model, frame_both(chunks, model), options.clip_skip,
+                                   restore_mean=options.emphasis == "Original")
     return z, pooled, budget
+
+
+def encode_flat_sdxl(model: Any, text: str, lookup: EmbeddingLookup, options: PromptOptions):
+    """One flat text (no editing or ``AND``) as ``[1, 77*k, 2048]``, its pooled ``[1, 1280]`` and budget."""
+    z, pooled, budget = _encode_one(model, text, lookup, options)
+    return join_chunks(z), pooled, budget
+
+
+def empty_sdxl(model: Any, clip_skip: int) -> torch.Tensor:
+    """The empty prompt's chunk ``[1, 77, 2048]`` (padding positive against negative)."""
+    return join_chunks(encode_sdxl_chunks(model, frame_both([Chunk()], model), clip_skip)[0])
 
 
 def encode_prompts_sdxl(

@@ -42,6 +42,13 @@ class GenerationJob:
     sampler: str
     n: int
     clip_skip: int
+    #: A1111's emphasis mode and comma backtrack window (``core.prompt.EMPHASIS_MODES``).
+    emphasis: str = "Original"
+    comma_window: int = 20
+
+    @property
+    def options(self) -> PromptOptions:
+        return PromptOptions(clip_skip=self.clip_skip, emphasis=self.emphasis, comma_window=self.comma_window)
 
 
 class RecordingLookup:
@@ -74,6 +81,27 @@ class RecordingLookup:
 def model_label(model: LoadedModel) -> str:
     """A1111's ``Model``: the checkpoint's name without folder or extension."""
     return Path(str(model.name).rstrip("/")).stem or str(model.name)
+
+
+def _conditioning(model: LoadedModel, job: GenerationJob, lookup: EmbeddingLookup, prompt: str) -> Any:
+    """The prompt pair planned for ``job.steps`` and encoded (each distinct text once); sampling asks it
+    for each step's conditioning (prompt editing, alternation, ``AND``). ``prompt`` has its extra-network
+    tags cut out already, as A1111 cuts them before it reads the rest."""
+    from sdrepl.core.plan_conditioning import encode_scheduled
+
+    return encode_scheduled(model, prompt, job.negative, lookup, job.options, steps=job.steps)
+
+
+def generation_extras(job: GenerationJob, texts: list[str]) -> dict[str, Any]:
+    """The A1111 ``parameters`` fields the prompt settings add: ``Emphasis`` when not ``Original`` and one
+    of the ``texts`` encoded has brackets (A1111's rule), and sdrepl's ``Comma padding backtrack`` when not
+    the default 20 (A1111 does not record it; a picture made with another window could not be made again)."""
+    extra: dict[str, Any] = {}
+    if job.emphasis != "Original" and any(c in text for text in texts for c in "(["):
+        extra["Emphasis"] = job.emphasis
+    if job.comma_window != 20:
+        extra["Comma padding backtrack"] = job.comma_window
+    return extra
 
 
 def prediction_field(model: LoadedModel) -> dict[str, str]:
@@ -131,7 +159,6 @@ def start_generation(
     those networks for this job and nothing else (a plan without LoRAs is the untouched model).
     """
     from sdrepl.core.batching import in_batches, pictures_per_batch
-    from sdrepl.core.conditioning import encode_prompts
     from sdrepl.core.networks.use import activate
     from sdrepl.core.samplers import make_scheduler, sample_batch
 
@@ -141,8 +168,9 @@ def start_generation(
     recorder = RecordingLookup(lookup)
     activate(pipe, networks)
     prompt_text = networks.text if networks is not None else job.prompt
-    cond = encode_prompts(model, prompt_text, job.negative, recorder, PromptOptions(clip_skip=job.clip_skip))
-    extra = {**prediction_field(model), **(networks.parameters() if networks is not None else {})}
+    cond = _conditioning(model, job, recorder, prompt_text)
+    extra = {**prediction_field(model), **(networks.parameters() if networks is not None else {}),
+             **generation_extras(job, cond.plan.texts())}
     ti_hashes = recorder.ti_hashes()
     total = job.steps * job.n
     writes = PendingWrites()

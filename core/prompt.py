@@ -74,6 +74,23 @@ class StaticLookup:
         return sorted({e.trigger for e in self._by_name.values()})
 
 
+#: A1111's emphasis settings. ``Original``: weights scale the encoder output, then each chunk's mean is
+#: restored; ``No norm``: the scaling without the restoring; ``Ignore``: brackets are read but every weight
+#: is 1; ``None``: no emphasis syntax at all, brackets are text (``<name>`` and ``BREAK`` still work).
+EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
+#: The largest comma backtrack window A1111 allows (its setting's slider stops at 74).
+MAX_COMMA_WINDOW = 74
+
+
+def emphasis_mode(name: str) -> str:
+    """The canonical name of an emphasis mode, matched ignoring case, spaces, ``_`` and ``-``."""
+    folded = re.sub(r"[\s_\-]+", "", str(name).lower())
+    for mode in EMPHASIS_MODES:
+        if mode.lower().replace(" ", "") == folded:
+            return mode
+    raise PromptError(f"unknown emphasis {name!r}; use one of: {', '.join(EMPHASIS_MODES)} (A1111's names)")
+
+
 @dataclass
 class PromptOptions:
     """Settings of the prompt language; they flow from session settings to parser, budget and encoder."""
@@ -84,6 +101,8 @@ class PromptOptions:
     comma_window: int = 20
     #: A1111's "CLIP skip": 1 = the last layer, 2 = the penultimate hidden state (then the final norm).
     clip_skip: int = 1
+    #: One of :data:`EMPHASIS_MODES`.
+    emphasis: str = "Original"
 
 
 @dataclass(frozen=True)
@@ -185,7 +204,12 @@ def _emphasis(text: str) -> list[tuple[str, str, float]]:
             round_open.append(len(res))
         elif token == "[":
             square_open.append(len(res))
-        elif weight is not None and round_open and _is_float(weight):
+        elif weight is not None and round_open:
+            if not _is_float(weight):  # A1111 fails here too; say so instead of guessing
+                raise PromptError(
+                    f"{token.strip()!r} at character {m.start() + 1}: {weight!r} is not a number; an emphasis "
+                    "weight is one number, as in (text:1.2) (write \\( \\) for literal brackets)"
+                )
             multiply(round_open.pop(), float(weight))
         elif token == ")" and round_open:
             multiply(round_open.pop(), ROUND)
@@ -213,6 +237,41 @@ def _emphasis(text: str) -> list[tuple[str, str, float]]:
         else:
             merged.append(item)
     return [(kind, part, weight) for kind, part, weight, _, _ in merged]
+
+
+_LITERAL = re.compile(rf"\\\\(?P<escaped>[<>])|(?P<angle>{_ANGLE})")
+
+
+def _literal(text: str) -> list[tuple[str, str, float]]:
+    """Emphasis ``None``: the text as it is, weight 1, only ``<name>`` references and ``BREAK`` taken out
+    (``\\<`` still writes a literal ``<``)."""
+    res: list[tuple[str, str, float]] = []
+    plain: list[str] = []
+
+    def flush() -> None:
+        run = "".join(plain)
+        plain.clear()
+        pos = 0
+        for b in _BREAK.finditer(run):
+            if b.start() > pos:
+                res.append(("text", run[pos : b.start()], 1.0))
+            res.append(("break", "BREAK", 1.0))
+            pos = b.end()
+        if pos < len(run):
+            res.append(("text", run[pos:], 1.0))
+
+    pos = 0
+    for m in _LITERAL.finditer(text):
+        plain.append(text[pos : m.start()])
+        if m.group("escaped"):
+            plain.append(m.group("escaped"))
+        else:
+            flush()
+            res.append(("angle", m.group("angle"), 1.0))
+        pos = m.end()
+    plain.append(text[pos:])
+    flush()
+    return res
 
 
 def _is_float(text: str) -> bool:
@@ -327,12 +386,21 @@ def _split_bare(text: str, weight: float, resolver: _Resolver, bare: BareNames |
     return pieces
 
 
-def parse_prompt(text: str, lookup: EmbeddingLookup, *, bare_names: bool = True) -> ParsedPrompt:
-    """Parse ``text`` into weighted pieces; raise :class:`PromptError` naming every unknown reference."""
+def parse_prompt(
+    text: str, lookup: EmbeddingLookup, *, bare_names: bool = True, emphasis: str = "Original"
+) -> ParsedPrompt:
+    """Parse ``text`` into weighted pieces; raise :class:`PromptError` naming every unknown reference.
+
+    ``emphasis`` is one of :data:`EMPHASIS_MODES`: ``None`` reads brackets as text, ``Ignore`` reads them
+    and drops their weights, the other two keep the weights (the encoder applies them)."""
+    mode = emphasis_mode(emphasis)
     resolver = _Resolver(lookup)
     bare = _bare_pattern(tuple(lookup.triggers())) if bare_names else None
     pieces: list[Piece] = []
-    for kind, part, weight in _emphasis(text):
+    parts = _literal(text) if mode == "None" else _emphasis(text)
+    if mode == "Ignore":
+        parts = [(kind, part, 1.0) for kind, part, _ in parts]
+    for kind, part, weight in parts:
         if kind == "break":
             pieces.append(BREAK)
         elif kind == "angle":

@@ -126,6 +126,8 @@ def sample_batch(model: Any, cond: Any, *, steps: int, cfg: float, width: int, h
 
     current = model.pipe.scheduler
     scheduler = scheduler if scheduler is not None else type(current).from_config(current.config)
+    # A scheduled prompt (core.plan_conditioning) answers per step; a plain Conditioning is constant.
+    provider = getattr(cond, "provider", None)
+    conditioning = provider(width, height) if provider is not None else StepCond.of(cond, width, height).constant()
     return denoise(Components.of(model.pipe), scheduler=scheduler, steps=steps, cfg=cfg, width=width,
-                   height=height, seeds=seeds, conditioning=StepCond.of(cond, width, height).constant(),
-                   on_step=on_step)
+                   height=height, seeds=seeds, conditioning=conditioning, on_step=on_step)

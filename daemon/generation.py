@@ -13,12 +13,12 @@ import random
 import time
 from typing import Any
 
-from sdrepl.core.budget import prompt_budget
-from sdrepl.core.errors import NetworkError
+from sdrepl.core.errors import NetworkError, PromptError
 from sdrepl.core.generation import GenerationJob, PendingGeneration, start_generation
 from sdrepl.core.limits import LIMITS, MAX_SEED
 from sdrepl.core.outputs import output_folder
-from sdrepl.core.prompt import PromptOptions
+from sdrepl.core.plan_budget import scheduled_prompt_budget
+from sdrepl.core.prompt import MAX_COMMA_WINDOW, emphasis_mode
 from sdrepl.core.samplers import DEFAULT_SAMPLER, find_sampler
 from sdrepl.daemon.context import DaemonContext
 from sdrepl.daemon.networks import mark_broken, plan_for
@@ -35,8 +35,21 @@ def _limited(p: Params, name: str, default: Any) -> Any:
     return p.integer(name, default, lo=int(limit.lo), hi=int(limit.hi), nullable=default is None)
 
 
-def parse_job(params: dict, native_size: int | None = None) -> tuple[GenerationJob, bool]:
-    """Validate a ``generate`` request's parameters; also whether the seed was chosen at random."""
+def prompt_settings(p: Params, settings: Any, request: str = "generate") -> tuple[str, int]:
+    """A request's ``emphasis`` and ``comma_padding_backtrack`` (the daemon's settings where not given)."""
+    emphasis = p.text("emphasis", getattr(settings, "emphasis", "Original"))
+    try:
+        emphasis = emphasis_mode(emphasis)
+    except PromptError as exc:
+        raise BadRequest(f"{request}: parameter 'emphasis': {exc}") from None
+    window = p.integer("comma_padding_backtrack", getattr(settings, "comma_padding_backtrack", 20), lo=0,
+                       hi=MAX_COMMA_WINDOW)
+    return emphasis, window
+
+
+def parse_job(params: dict, native_size: int | None = None, settings: Any = None) -> tuple[GenerationJob, bool]:
+    """Validate a ``generate`` request's parameters; also whether the seed was chosen at random.
+    ``settings`` (the daemon's) give the prompt settings a request does not name."""
     p = Params(params, "generate")
     prompt = p.text("prompt")
     negative = p.text("negative", "")
@@ -48,6 +61,7 @@ def parse_job(params: dict, native_size: int | None = None) -> tuple[GenerationJ
     sampler = find_sampler(p.text("sampler", DEFAULT_SAMPLER)).name
     n = _limited(p, "n", 1)
     clip_skip = _limited(p, "clip_skip", 1)
+    emphasis, window = prompt_settings(p, settings)
     p.finish()
     width = width or native_size or 512
     height = height or native_size or 512
@@ -58,24 +72,27 @@ def parse_job(params: dict, native_size: int | None = None) -> tuple[GenerationJ
     random_seed = seed is None or seed == -1  # -1 is A1111's "random"
     if random_seed:
         seed = random.randrange(2**32)
-    return GenerationJob(prompt, negative, steps, cfg, int(seed), width, height, sampler, n, clip_skip), random_seed
+    job = GenerationJob(prompt, negative, steps, cfg, int(seed), width, height, sampler, n, clip_skip, emphasis,
+                        window)
+    return job, random_seed
 
 
 @handler("generate")
 async def generate(ctx: DaemonContext, params: dict, req: Request) -> dict:
     received = time.monotonic()
-    parse_job(params, 8)  # reject bad parameters before waiting for a model that keep-alive unloaded
+    parse_job(params, 8, ctx.settings)  # reject bad parameters before waiting for a model keep-alive unloaded
     assert ctx.residency is not None
     async with ctx.residency.using() as model:
-        job, random_seed = parse_job(params, model.native_size)
+        job, random_seed = parse_job(params, model.native_size, ctx.settings)
         # An unknown <name> is answered now, not after the queue (the device may be busy for a while).
         # On the loop, not in a thread: a budget takes well under a millisecond with a warm cache, and
         # a thread pool would let two requests reach the device queue in another order than they came.
         # Extra-network tags are cut from the raw prompt first (they cost no tokens); unknown names and
         # tags in the negative prompt are answered here too.
         networks = plan_for(ctx, job.prompt, job.negative)
-        prompt_budget(networks.text, job.negative, model.tokenizer, ctx.library,
-                      PromptOptions(clip_skip=job.clip_skip))
+        # Every text the schedule uses is checked (a bad weight in a later step's text fails now too).
+        scheduled_prompt_budget(networks.text, job.negative, model.tokenizer, ctx.library, job.options,
+                                steps=job.steps)
 
         def progress(step: int, total: int, image: int) -> None:
             req.send_event("progress", request=req.id, step=step, total=total, image=image, images=job.n)

@@ -14,12 +14,13 @@ import time
 from typing import Any
 
 from sdrepl import __version__
-from sdrepl.core.budget import prompt_budget
 from sdrepl.core.embedding import Embedding
 from sdrepl.core.errors import PromptError
 from sdrepl.core.limits import int_range
+from sdrepl.core.plan_budget import scheduled_prompt_budget
 from sdrepl.core.prompt import PromptOptions
 from sdrepl.daemon.context import DaemonContext
+from sdrepl.daemon.generation import prompt_settings
 from sdrepl.daemon.params import Params
 from sdrepl.daemon.protocol import OLDEST_PROTOCOL, PROTOCOL_VERSION, BadRequest, ProtocolMismatch, valid_id
 from sdrepl.daemon.registry import Request, handler
@@ -140,14 +141,16 @@ async def tokens(ctx: DaemonContext, params: dict, req: Request) -> dict:
     prompt = p.text("prompt")
     negative = p.text("negative", "")
     clip_skip = p.integer("clip_skip", 1, lo=int_range("clip_skip")[0], hi=int_range("clip_skip")[1])
+    steps = p.integer("steps", 20, lo=int_range("steps")[0], hi=int_range("steps")[1])
+    emphasis, window = prompt_settings(p, ctx.settings, "tokens")
     p.finish()
     assert ctx.residency is not None
-    options = PromptOptions(clip_skip=clip_skip)
+    options = PromptOptions(clip_skip=clip_skip, emphasis=emphasis, comma_window=window)
     from sdrepl.daemon.networks import plan_for
 
     networks = plan_for(ctx, prompt, negative)  # tags cost no tokens: cut before the budget
-    result = await asyncio.to_thread(prompt_budget, networks.text, negative, ctx.residency.tokenizer, ctx.library,
-                                     options)
+    result = await asyncio.to_thread(scheduled_prompt_budget, networks.text, negative, ctx.residency.tokenizer,
+                                     ctx.library, options, steps=steps)
     if networks.loras or networks.hypernets:
         result["loras"] = networks.describe()
         result["hypernetworks"] = [{"name": networks.names[n.key], "strength": w} for n, w in networks.hypernets]

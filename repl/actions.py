@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdrepl.core.errors import SdreplError, UsageError
 from sdrepl.core.limits import float_range, int_range
+from sdrepl.core.prompt import MAX_COMMA_WINDOW, emphasis_mode
 from sdrepl.core.status_text import format_status
 from sdrepl.repl import render
 from sdrepl.repl.parse import GenerationLine, escape, to_float, to_int, to_sampler, to_seed, to_size, unquote
@@ -61,6 +62,7 @@ def generation_params(line: GenerationLine, defaults: Any) -> dict[str, Any]:
         "sampler": pick(line.sampler, defaults.sampler),
         "n": pick(line.n, defaults.n),
         "clip_skip": pick(line.clip_skip, defaults.clip_skip),
+        **prompt_settings(defaults),
     }
     width, height = defaults.size if defaults.size else (None, None)
     width, height = pick(line.width, width), pick(line.height, height)
@@ -71,6 +73,12 @@ def generation_params(line: GenerationLine, defaults: Any) -> dict[str, Any]:
     if width is not None:
         params["width"], params["height"] = width, height
     return params
+
+
+def prompt_settings(defaults: Any) -> dict[str, Any]:
+    """The ``!set emphasis`` / ``!set comma_padding_backtrack`` a request carries (none: the daemon's own)."""
+    return {key: getattr(defaults, key) for key in ("emphasis", "comma_padding_backtrack")
+            if getattr(defaults, key, None) is not None}
 
 
 async def run_generate(session: Session, line: GenerationLine, started: Started) -> Outcome:
@@ -111,7 +119,9 @@ async def run_show(session: Session, name: str, started: Started) -> Outcome:
 
 async def run_tokens(session: Session, line: GenerationLine, started: Started) -> Outcome:
     negative = session.defaults.negative if line.negative is None else line.negative
-    reply = await session.client.request("tokens", prompt=line.prompt, negative=negative)
+    steps = session.defaults.steps if line.steps is None else line.steps
+    reply = await session.client.request("tokens", prompt=line.prompt, negative=negative, steps=steps,
+                                         **prompt_settings(session.defaults))
     return Outcome({"tokens": reply}, render.tokens(reply))
 
 
@@ -168,7 +178,16 @@ _SETTERS: dict[str, Callable[[str], Any]] = {
     "sampler": to_sampler, "n": to_int(*int_range("n")), "clip_skip": to_int(*int_range("clip_skip")),
     "negative": unquote,
     "size": lambda v: None if v.strip().lower() in ("native", "auto", "none") else to_size(v),
+    "emphasis": lambda v: _emphasis(unquote(v)),
+    "comma_padding_backtrack": to_int(0, MAX_COMMA_WINDOW),
 }
+
+
+def _emphasis(value: str) -> str:
+    try:
+        return emphasis_mode(value)
+    except SdreplError as exc:
+        raise ValueError(str(exc)) from None
 
 
 async def run_set(session: Session, parsed: tuple[str | None, str | None], started: Started) -> Outcome:
@@ -233,7 +252,8 @@ async def run_quit(session: Session, _: None, started: Started) -> Outcome:
 
 #: A1111 fields that describe a picture without changing how it is made again here (informational).
 INFORMATIONAL_FIELDS = frozenset({"Model hash", "Model", "TI hashes", "Version", "Lora hashes", "Emphasis",
-                                  "VAE hash", "VAE", "Hashes", "Schedule type", "Prediction type"})
+                                  "VAE hash", "VAE", "Hashes", "Schedule type", "Prediction type",
+                                  "Comma padding backtrack"})
 
 
 def schedule_sampler(p: dict[str, Any]) -> str | None:

@@ -111,8 +111,10 @@ def parse_tokens(args: str) -> GenerationLine:
     return line
 
 
-SET_KEYS = ("steps", "cfg", "seed", "size", "sampler", "negative", "n", "clip_skip")
+SET_KEYS = ("steps", "cfg", "seed", "size", "sampler", "negative", "n", "clip_skip", "emphasis",
+            "comma_padding_backtrack")
 SET_ALIASES = {"neg": "negative", "negative_prompt": "negative", "clip-skip": "clip_skip", "cfg_scale": "cfg",
+               "comma-padding-backtrack": "comma_padding_backtrack", "comma_backtrack": "comma_padding_backtrack",
                "cfg-scale": "cfg", "batch": "n"}
 
 
@@ -231,13 +233,17 @@ COMMANDS: tuple[Command, ...] = (
             "Counts the tokens of PROMPT (and of --neg TEXT, else the session's negative prompt) the way "
             "generation will: 75 per chunk, embeddings costing their vectors. Shows which embeddings were "
             "found, which bare words were taken as embeddings, and each chunk's text when there is more than "
-            "one. Any generation line may follow !tokens; its other options are ignored.",
+            "one. A prompt with editing ([a:b:0.5]) or alternation ([a|b]) shows the largest count any step "
+            "uses and each text with its steps (for --steps, else !set steps); AND parts show their own "
+            "budgets and weights. Any generation line may follow !tokens; its other options are ignored.",
             parse_tokens, actions.run_tokens),
     Command("set", "!set [KEY [VALUE]]", "show or set session defaults",
             f"Without arguments: all session defaults. With KEY: that one. With KEY VALUE: sets it for the "
             f"following generation lines (an option on a line still wins). Keys: {', '.join(SET_KEYS)}. "
             "`!set seed random` (or -1) draws a new seed per picture; `!set size native` uses the model's "
-            "size; `!set negative \"\"` clears the negative prompt; `!set KEY default` restores the default.",
+            "size; `!set negative \"\"` clears the negative prompt; `!set emphasis Original|No norm|Ignore|None` "
+            "and `!set comma_padding_backtrack N` (0-74) are A1111's prompt settings (unset: the daemon's); "
+            "`!set KEY default` restores the default.",
             parse_set, actions.run_set),
     Command("create", "!create NAME [--init TEXT] [--vectors N] [--overwrite]", "a new, untrained embedding",
             "Writes a new embedding file into the first embeddings folder and loads it. Its vectors start as "

@@ -90,7 +90,8 @@ class InteractiveRepl:
             session.on_replay_result = self._replay_line_done
         self.session = session
         self.tracker = BudgetTracker(client, self.state, get_prefix=lambda: "\n".join(self.block or []),
-                                     get_default_negative=self._default_negative)
+                                     get_default_negative=self._default_negative,
+                                     get_settings=self._budget_settings)
         self.prompt = PromptSession(
             history=history, completer=make_completer(
                 lambda: self.state.embeddings,
@@ -158,6 +159,12 @@ class InteractiveRepl:
             return max(40, self.prompt.app.output.get_size().columns - 1)
         except Exception:  # no real terminal (tests): a common width
             return 100
+
+    def _budget_settings(self) -> dict[str, Any]:
+        from sdrepl.repl.actions import prompt_settings
+
+        defaults = getattr(self.session, "defaults", None)
+        return {"steps": getattr(defaults, "steps", None), **prompt_settings(defaults)}
 
     def _default_negative(self) -> str:
         defaults = getattr(self.session, "defaults", None)

@@ -69,6 +69,15 @@ def tokens(result: dict[str, Any]) -> str:
     if names or neg_names:
         parts.append("embeddings: " + ", ".join(map(visible, names + neg_names)))
     lines = [SEP.join(parts)]
+    if result.get("changes") or negative.get("changes"):
+        lines.append(f"  the prompt changes during sampling ({result.get('steps', '?')} steps); the count is the "
+                     "largest any step uses")
+    for i, part in enumerate(result.get("parts") or [], start=1):
+        lines.append(f"  AND part {i} (weight {part.get('weight', 1.0):g}): {budget(part)}  {part.get('text', '')}")
+        lines += _schedule_lines(part, "    ")
+    if not result.get("parts"):
+        lines += _schedule_lines(result, "  ")
+    lines += _schedule_lines(negative, "  neg ")
     for label, side in (("", result), ("neg ", negative)):
         chunk_texts = side.get("chunk_texts") or []
         if len(chunk_texts) > 1:
@@ -77,6 +86,16 @@ def tokens(result: dict[str, Any]) -> str:
         if side.get("bare"):
             lines.append(f"  {label}bare words taken as embeddings: " + ", ".join(map(visible, side["bare"])))
     return "\n".join(lines)
+
+
+def _schedule_lines(side: dict[str, Any], indent: str) -> list[str]:
+    """``steps 1-11: a fantasy landscape  (4/75)`` per distinct text of a schedule that changes."""
+    lines = []
+    for entry in side.get("schedule") or []:
+        ranges = [f"{a}" if a == b else f"{a}-{b}" for a, b in entry.get("steps") or []]
+        shown = ", ".join(ranges[:8]) + (f", ... ({len(ranges)} runs)" if len(ranges) > 8 else "")
+        lines.append(f"{indent}steps {shown}: {entry.get('text', '')}  ({budget(entry)})")
+    return lines
 
 
 def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> list[str]:
@@ -216,4 +235,6 @@ def format_value(key: str, value: Any) -> str:
         return "native"
     if key == "negative":
         return repr(value) if value == "" else str(value)
+    if key in ("emphasis", "comma_padding_backtrack") and value is None:
+        return "the daemon's (--emphasis, --comma-padding-backtrack)"
     return str(value)

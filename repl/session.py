@@ -46,6 +46,9 @@ class SessionDefaults:
     negative: str = ""
     n: int = 1
     clip_skip: int = 1
+    #: A1111's prompt settings; None leaves the daemon's own (``--emphasis``, ``--comma-padding-backtrack``).
+    emphasis: str | None = None
+    comma_padding_backtrack: int | None = None
 
 
 @dataclass

@@ -37,7 +37,26 @@ def _lenient_generation_options() -> tuple[Option, ...]:
 
 
 def split_prompt(text: str) -> tuple[str, str | None]:
-    """``a cat --neg blurry --steps 20`` -> ``("a cat", "blurry")``; the negative is None when not given.
+    """``a cat --neg blurry --steps 20`` -> ``("a cat", "blurry")``; the negative is None when not given."""
+    head, values = split_line(text)
+    return head, values.get("negative")
+
+
+def line_steps(text: str) -> int | None:
+    """The ``--steps`` of a generation or ``!tokens`` line as typed so far (None when not given or not a
+    number yet): a schedule like ``[a:b:10]`` is counted for the steps the line will run."""
+    stripped = text.strip()
+    if stripped.startswith("!"):
+        stripped = stripped.partition(" ")[2]
+    value = split_line(stripped)[1].get("steps")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def split_line(text: str) -> tuple[str, dict[str, Any]]:
+    """The prompt and the option values (as text) of a line being typed.
 
     Splits with the session's own parser (``sdrepl.repl.parse.split_options``, short options included)
     so the toolbar counts exactly what a generation would send. While an option is half typed
@@ -47,14 +66,13 @@ def split_prompt(text: str) -> tuple[str, str | None]:
     options = _lenient_generation_options()
     for _ in range(32):
         try:
-            head, values = split_options(text, options, where="toolbar", short=True)
-            return head, values.get("negative")
+            return split_options(text, options, where="toolbar", short=True)
         except SdreplError:
             starts = [m.start() for m in _OPTION_START.finditer(text)]
             if not starts or starts[-1] == 0:
-                return "", None
+                return "", {}
             text = text[: starts[-1]]
-    return "", None
+    return "", {}
 
 
 def budget_request(text: str, default_negative: str = "") -> tuple[str, str] | None:
@@ -87,13 +105,17 @@ class BudgetTracker:
 
     def __init__(self, client: Any, state: ReplState, *, debounce: float = 0.0,
                  get_prefix: Callable[[], str] | None = None,
-                 get_default_negative: Callable[[], str] | None = None) -> None:
+                 get_default_negative: Callable[[], str] | None = None,
+                 get_settings: Callable[[], dict[str, Any]] | None = None) -> None:
         self.client = client
         self.state = state
         self.debounce = debounce
         self.get_prefix = get_prefix or (lambda: "")
         self.get_default_negative = get_default_negative or (lambda: "")
+        #: The session's ``steps`` and prompt settings, sent with each ``tokens`` request.
+        self.get_settings = get_settings or (lambda: {})
         self.wanted: tuple[str, str] | None = None
+        self.params: dict[str, Any] = {}
         self.changed_at = 0.0
         self._dirty = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -104,6 +126,10 @@ class BudgetTracker:
             prefix = self.get_prefix()
             full = f"{prefix}\n{text}" if prefix else text
             self.wanted = budget_request(full, self.get_default_negative() or "")
+            self.params = {k: v for k, v in self.get_settings().items() if v is not None}
+            steps = line_steps(text)
+            if steps is not None:
+                self.params["steps"] = steps
             self.changed_at = time.perf_counter()
             if self.wanted is None:
                 if self.state.budget is not None:
@@ -140,11 +166,11 @@ class BudgetTracker:
             self._dirty.clear()
             if self.debounce:
                 await asyncio.sleep(self.debounce)
-            wanted = self.wanted
+            wanted, params = self.wanted, dict(self.params)
             if wanted is None:
                 continue
             try:
-                budget = await self.count(*wanted)
+                budget = await self.count(*wanted, **params)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # never let the toolbar's helper die; show why instead
@@ -153,10 +179,10 @@ class BudgetTracker:
             if self.wanted is not None:
                 self.state.set_budget(budget)
 
-    async def count(self, prompt: str, negative: str) -> Budget:
+    async def count(self, prompt: str, negative: str, **params: Any) -> Budget:
         """One ``tokens`` request; a refused prompt (unknown ``<name>``) becomes the budget's error."""
         try:
-            result = await self.client.request("tokens", prompt=prompt, negative=negative)
+            result = await self.client.request("tokens", prompt=prompt, negative=negative, **params)
         except Exception as exc:
             message = getattr(exc, "message", None)
             if message is None:
@@ -182,6 +208,9 @@ def budget_parts(budget: Budget | None, state: ReplState) -> list[tuple[str, str
     chunks = res.get("chunks") or 0
     if chunks > 1:
         parts.append(("class:toolbar.warn", f"{chunks} chunks"))
+    note = schedule_note(res)
+    if note:
+        parts.append(("class:toolbar.warn", note))
     names = list(dict.fromkeys(_names(res.get("embeddings")) + _names(neg.get("embeddings"))))
     if names:
         parts.append(("class:toolbar.embedding", " ".join(_with_vectors(n, state) for n in names)))
@@ -200,6 +229,21 @@ def _lora_weights(item: dict[str, Any]) -> str:
     te, unet = item.get("te", 1.0), item.get("unet", 1.0)
     weights = f"{te:g}" if te == unet else f"{te:g}/{unet:g}"
     return f"lora {item.get('name')}:{weights}"
+
+
+def schedule_note(res: dict[str, Any]) -> str:
+    """``AND 2/75 76/150×0.5`` for AND parts, ``3 prompts over 20 steps`` when the prompt changes while
+    sampling (the count shown is then the largest any step uses); empty for a plain prompt."""
+    notes = []
+    parts = res.get("parts") or []
+    if len(parts) > 1 or (parts and parts[0].get("weight", 1.0) != 1.0):
+        shown = [f"{p.get('count', '?')}/{p.get('limit', '?')}" + ("" if p.get("weight", 1.0) == 1.0 else
+                 f"×{p.get('weight'):g}") for p in parts]
+        notes.append("AND " + " ".join(shown) if len(parts) > 1 else f"weight {parts[0].get('weight'):g}")
+    if res.get("changes"):
+        texts = len(res.get("schedule") or []) or sum(len(p.get("schedule") or []) or 1 for p in parts)
+        notes.append(f"{texts} prompts over {res.get('steps', '?')} steps")
+    return ", ".join(notes)
 
 
 def _names(items: Any) -> list[str]:

@@ -56,6 +56,9 @@ class Settings:
     keep_alive: float | None = None  # seconds after the last request; None = forever
     #: ``epsilon`` / ``v_prediction`` for the model's scheduler; None = guessed (single files) or the model's own.
     prediction_type: str | None = None
+    #: The prompt settings a request gets when it names none (A1111's ``emphasis``, ``comma_padding_backtrack``).
+    emphasis: str = "Original"
+    comma_padding_backtrack: int = 20
 
     @property
     def connection_file(self) -> Path:
@@ -80,13 +83,16 @@ class Settings:
             dtype=self.dtype,
             keep_alive=self.keep_alive,
             prediction_type=self.prediction_type,
+            emphasis=self.emphasis,
+            comma_padding_backtrack=self.comma_padding_backtrack,
         )
 
     def daemon_args(self) -> list[str]:
         """Command-line options that recreate these settings in a daemon process (for auto-start)."""
         args = ["--socket", str(self.socket), "--model", self.model, "--outputs", str(self.outputs),
                 "--device", self.device, "--dtype", self.dtype,
-                "--keep-alive", "forever" if self.keep_alive is None else str(self.keep_alive)]
+                "--keep-alive", "forever" if self.keep_alive is None else str(self.keep_alive),
+                "--emphasis", self.emphasis, "--comma-padding-backtrack", str(self.comma_padding_backtrack)]
         for folder in self.embeddings:
             args += ["--embeddings", str(folder)]
         for folder in self.loras:
@@ -120,6 +126,10 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
                              "SD 2.x checkpoints, the model's own config otherwise)")
     parser.add_argument("--keep-alive", default=env("SDREPL_KEEP_ALIVE", "forever"),
                         help="how long the model stays loaded after the last request (30s, 5m, forever)")
+    parser.add_argument("--emphasis", default=env("SDREPL_EMPHASIS", "Original"),
+                        help="A1111's emphasis mode for (text:1.2): Original, 'No norm', Ignore or None")
+    parser.add_argument("--comma-padding-backtrack", default=env("SDREPL_COMMA_PADDING_BACKTRACK", "20"),
+                        help="A1111's comma backtrack window in tokens, 0 to 74 (0 turns it off; default 20)")
 
 
 def _folders(given: list[Path] | None, variable: str, default: str) -> list[Path]:
@@ -143,6 +153,8 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         dtype=ns.dtype,
         keep_alive=parse_duration(ns.keep_alive),
         prediction_type=parse_prediction_type(getattr(ns, "prediction_type", None)),
+        emphasis=_emphasis(ns.emphasis),
+        comma_padding_backtrack=_comma_window(ns.comma_padding_backtrack),
     ).resolved()
 
 
@@ -158,4 +170,27 @@ def parse_prediction_type(text: str | None) -> str | None:
     if value not in PREDICTION_TYPES:
         raise UsageError(f"--prediction-type {text!r}: expected epsilon or v_prediction (SD 2.x 768 models "
                          "predict v, the 512 base and SD 1.x predict epsilon)")
+    return value
+
+
+def _emphasis(text: str) -> str:
+    from sdrepl.core.errors import PromptError
+    from sdrepl.core.prompt import emphasis_mode
+
+    try:
+        return emphasis_mode(text)
+    except PromptError as exc:
+        raise UsageError(f"--emphasis: {exc}") from None
+
+
+def _comma_window(text: str) -> int:
+    from sdrepl.core.prompt import MAX_COMMA_WINDOW
+
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_COMMA_WINDOW:
+        raise UsageError(f"--comma-padding-backtrack {text!r}: give a whole number of tokens from 0 to "
+                         f"{MAX_COMMA_WINDOW} (0 turns the backtrack off; A1111's default is 20)")
     return value

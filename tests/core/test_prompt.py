@@ -66,7 +66,6 @@ W11, W121, SQ = 1.1, round(1.1 * 1.1, 6), round(1 / 1.1, 6)
         (r"(a \(b\))", [("a (b)", W11)]),
         (r"\[x\]", [("[x]", 1.0)]),
         ("(a:x)", [("a:x", W11)]),  # not a number: the colon is text
-        ("(a:1.2.3)", [("a:1.2.3)", W11)]),  # not a float: text, and the bracket stays open
         ("red(cat:1.0)", [("red", 1.0), ("cat", 1.0)]),  # brackets separate words (A1111 glues "redcat")
         ("a:b", [("a:b", 1.0)]),
     ],

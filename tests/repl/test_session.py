@@ -130,7 +130,7 @@ def test_a_whole_block_can_be_executed(fake):
 def test_tokens_uses_the_session_negative_unless_given(fake):
     session = Session(fake, defaults=SessionDefaults(negative="lowres"))
     result = execute(session, "!tokens a photo of <bad-hands-5>")
-    assert fake.calls[-1] == ("tokens", {"prompt": "a photo of <bad-hands-5>", "negative": "lowres"})
+    assert fake.calls[-1] == ("tokens", {"prompt": "a photo of <bad-hands-5>", "negative": "lowres", "steps": 20})
     assert result.result["tokens"]["count"] == 5
     assert result.text.splitlines()[0] == "tokens 5/75 · neg 0/75 · embeddings: bad-hands-5"
     execute(session, "!tokens x --neg ugly")
@@ -279,7 +279,8 @@ def test_set_shows_one_or_all_and_resets(fake):
     assert execute(session, "!set seed").text == "seed  random"
     assert execute(session, "!set").result["defaults"] == {"steps": 20, "cfg": 7.0, "seed": None, "size": None,
                                                            "sampler": "Euler a", "negative": "", "n": 1,
-                                                           "clip_skip": 1}
+                                                           "clip_skip": 1, "emphasis": None,
+                                                           "comma_padding_backtrack": None}
     execute(session, "!set steps 50")
     assert execute(session, "!set steps default").text == "steps = 20"
     execute(session, "!set negative ugly")
@@ -332,3 +333,25 @@ def test_to_json_shapes():
     bad = LineResult(False, "generate", {}, {"type": "PromptError", "message": "m"}, "error: ...")
     assert bad.to_json(4, "x") == {"line": 4, "input": "x", "ok": False,
                                    "error": {"type": "PromptError", "message": "m"}}
+
+
+def test_set_emphasis_and_comma_backtrack_travel_with_generations_and_tokens(fake):
+    session = Session(fake)
+    assert execute(session, "!set emphasis no norm").text == "emphasis = No norm"
+    assert execute(session, "!set comma-padding-backtrack 0").text == "comma_padding_backtrack = 0"
+    execute(session, "a cat --steps 3")
+    assert fake.calls[-1][1]["emphasis"] == "No norm" and fake.calls[-1][1]["comma_padding_backtrack"] == 0
+    execute(session, "!tokens a [cat:dog:0.5] --steps 8")
+    assert fake.calls[-1][0] == "tokens"
+    assert {k: fake.calls[-1][1][k] for k in ("steps", "emphasis", "comma_padding_backtrack")} == {
+        "steps": 8, "emphasis": "No norm", "comma_padding_backtrack": 0}
+    execute(session, "!set emphasis default")
+    execute(session, "a cat")
+    assert "emphasis" not in fake.calls[-1][1]  # not set: the daemon's own setting applies
+
+
+@pytest.mark.parametrize(("line", "message"), [("!set emphasis strong", "Original, No norm, Ignore, None"),
+                                               ("!set comma_padding_backtrack 75", "75")])
+def test_bad_prompt_settings_are_refused_with_the_choices(fake, line, message):
+    result = execute(Session(fake), line)
+    assert not result.ok and message in result.error["message"]

@@ -207,3 +207,55 @@ def test_a_failing_client_shows_the_error_and_keeps_tracking(tokenizer, library)
     assert "ConnectionResetError" in toolbar_text(state)
     state = type_and_count("a cat", Flaky(tokenizer, library), state)
     assert "tokens 2/75" in toolbar_text(state)
+
+
+# -- scheduled prompts ----------------------------------------------------------------------------------
+
+
+class ScheduledClient(BudgetClient):
+    """The daemon's ``tokens`` with steps and prompt settings (core.plan_budget)."""
+
+    async def request(self, type: str, **params):
+        from sdrepl.core.plan_budget import scheduled_prompt_budget
+        from sdrepl.core.prompt import PromptOptions
+
+        self.requests.append(dict(params))
+        options = PromptOptions(emphasis=params.get("emphasis", "Original"),
+                                comma_window=params.get("comma_padding_backtrack", 20))
+        return scheduled_prompt_budget(params["prompt"], params["negative"], self.tokenizer, self.library, options,
+                                       steps=params.get("steps", 20))
+
+
+def test_an_edited_prompt_shows_its_largest_count_and_that_it_changes(tokenizer, library):
+    client = ScheduledClient(tokenizer, library)
+    state = type_and_count("a [fantasy:cyberpunk:16] landscape --steps 20", client)
+    assert "tokens 3/75" in toolbar_text(state) and "2 prompts over 20 steps" in toolbar_text(state)
+    assert client.requests[-1]["steps"] == 20
+
+
+def test_and_parts_show_their_own_counts_and_weights(tokenizer, library):
+    state = type_and_count("a cat AND a red dog:0.5", ScheduledClient(tokenizer, library))
+    assert "AND 2/75 3/75×0.5" in toolbar_text(state)
+    state = type_and_count("masterpiece, score:9", ScheduledClient(tokenizer, library))
+    assert "weight 9" in toolbar_text(state)
+
+
+def test_the_line_steps_and_session_settings_go_with_the_request(tokenizer, library):
+    client = ScheduledClient(tokenizer, library)
+    state = ReplState()
+
+    async def main() -> None:
+        tracker = BudgetTracker(client, state, get_settings=lambda: {"steps": 30, "emphasis": "No norm",
+                                                                     "comma_padding_backtrack": None})
+        tracker.start()
+        tracker.on_text_changed("a [b:c:5] -s 12")
+        while state.budget is None:
+            await asyncio.sleep(0.01)
+        tracker.on_text_changed("a [b:c:5]")
+        while len(client.requests) < 2 or state.budget.result["steps"] != 30:
+            await asyncio.sleep(0.01)
+        await tracker.close()
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+    assert client.requests[0] == {"prompt": "a [b:c:5]", "negative": "", "steps": 12, "emphasis": "No norm"}
+    assert client.requests[-1]["steps"] == 30
