@@ -80,6 +80,7 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("save_every", ("--save-every",), to_int(0), "N"),
     Option("preview_every", ("--preview-every",), to_int(0), "N"),
     Option("preview_prompt", ("--preview-prompt",), to_text, "TEXT"),
+    Option("log_every", ("--log-every",), to_int(1), "N"),
     Option("log_dir", ("--log-dir",), _path, "DIR"),
     Option("seed", ("--seed",), to_seed, "N"),
     Option("format", ("--format",), to_choice("safetensors", "pt"), "safetensors|pt"),

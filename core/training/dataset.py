@@ -58,7 +58,8 @@ class TrainingSet:
     size: tuple[int, int]
     flip: bool
     mode: str
-    #: [K, C, h, w] float32 on the CPU: sample (once), mean (deterministic, random); K = pictures x (1 or 2).
+    #: [K, C, h, w] float32 (on the CPU until :meth:`to_device`): sample (once), mean (deterministic,
+    #: random); K = pictures x (1 or 2).
     latents: list[torch.Tensor] = field(default_factory=list)
     #: [K, C, h, w] std of each latent distribution, ``random`` mode only.
     stds: list[torch.Tensor] = field(default_factory=list)
@@ -102,13 +103,20 @@ class TrainingSet:
             picture.pixels = None
         return not self.encoded
 
+    def to_device(self, device: torch.device) -> None:
+        """Move the encoded latents (and stds) to the training device once, so no step copies them."""
+        self.latents = [t.to(device) for t in self.latents]
+        self.stds = [t.to(device) for t in self.stds]
+
     def latent(self, index: int, flipped: bool, generator: torch.Generator) -> torch.Tensor:
-        """The latent of picture ``index`` (its mirror when ``flipped``), resampled in ``random`` mode."""
+        """The latent of picture ``index`` (its mirror when ``flipped``), resampled in ``random`` mode
+        (``generator`` on the latents' device)."""
         k = index * self.variants + (1 if flipped and self.flip else 0)
         mean = self.latents[k]
         if self.mode != "random":
             return mean
-        return mean + self.stds[k] * torch.randn(mean.shape, generator=generator, dtype=torch.float32)
+        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32, device=mean.device)
+        return mean + self.stds[k] * noise
 
 
 def scan_images(folder: Path) -> list[Path]:

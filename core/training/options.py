@@ -61,6 +61,8 @@ class TrainOptions:
     gradient_checkpointing: bool = False
     save_every: int = 500
     preview_every: int = 500
+    #: Steps between loss read-backs (loss.csv rows, NaN/Inf checks, the loss in status): no host sync between.
+    log_every: int = 10
     preview_prompt: str | None = None
     #: None: ``./textual_inversion/<YYYY-MM-DD>/<NAME>`` under the daemon's working folder.
     log_dir: Path | None = None
@@ -268,7 +270,7 @@ _CONVERT = {
     "property": _choice(("object", "style")), "filename_regex": _str, "join": _str,
     "shuffle_tags": _bool, "tag_dropout": _dropout, "latents": _choice(LATENT_MODES), "clip_grad": _clip,
     "repeats": _int, "center_crop": _bool, "flip": _bool, "precision": _choice(PRECISIONS),
-    "gradient_checkpointing": _bool, "save_every": _nonneg, "preview_every": _nonneg,
+    "gradient_checkpointing": _bool, "save_every": _nonneg, "preview_every": _nonneg, "log_every": _int,
     "preview_prompt": _str, "log_dir": _path, "seed": _seed, "format": _choice(FORMATS),
     "resume": _bool, "overwrite": _bool,
 }

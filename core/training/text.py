@@ -22,6 +22,9 @@ from sdrepl.core.prompt import EmbeddingLookup, PromptOptions
 from sdrepl.core.training.templates import NAME
 from sdrepl.core.training.vectors import split_vectors
 
+#: Distinct captions remembered tokenized (tag shuffling makes many; the oldest are dropped past this).
+CACHE_LIMIT = 4096
+
 #: Captions are matched literally: a caption word that happens to be another embedding's trigger stays text.
 CAPTION_OPTIONS = PromptOptions(bare_names=False)
 
@@ -60,6 +63,12 @@ def as_prompt(line: str, name: str) -> str:
     return line.replace(NAME, f"<{name}>")
 
 
+def _remember(cache: dict, key: str, value: Any) -> None:
+    if len(cache) >= CACHE_LIMIT:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+
+
 class CaptionEncoder:
     """Encodes batches of filled template lines with the trainable vectors spliced in."""
 
@@ -68,21 +77,38 @@ class CaptionEncoder:
         self.name = name
         self.lookup = TrainingLookup(standin(name, vectors, model.encoder_widths), library)
         self._empty = empty_chunk(model.tokenizer)
+        self._chunks: dict[str, list[Chunk]] = {}
+        self._inputs: dict[str, list[ChunkInput]] = {}
 
     def chunks(self, text: str) -> list[Chunk]:
-        """The chunks of one caption, before framing (raises TrainingError if the caption is unusable)."""
+        """The chunks of one caption, before framing (raises TrainingError if the caption is unusable);
+        each distinct caption is tokenized once (bounded: :data:`CACHE_LIMIT` captions)."""
+        cached = self._chunks.get(text)
+        if cached is not None:
+            return cached
         try:
             chunks, _ = chunk_prompt(as_prompt(text, self.name), self.model.tokenizer, self.lookup, CAPTION_OPTIONS)
         except PromptError as exc:
             raise TrainingError(f"training caption {text!r} cannot be used: {exc}") from None
+        _remember(self._chunks, text, chunks)
         return chunks
+
+    def inputs(self, text: str, vectors: torch.Tensor) -> list[ChunkInput]:
+        """One caption's framed chunks with their token ids (and weights) on the encoder's device, made
+        once per caption; the splices hold ``vectors`` itself, so its in-place updates are seen."""
+        cached = self._inputs.get(text)
+        if cached is not None and all(v is vectors for ci in cached for _, v in ci.splices):
+            return cached
+        device = self.model.text_encoder.device
+        made = [ChunkInput(ci.ids.to(device), ci.splices, None if ci.weights is None else ci.weights.to(device))
+                for ci in chunk_inputs(self.chunks(text), self.model.tokenizer, overrides={self.name: vectors})]
+        _remember(self._inputs, text, made)
+        return made
 
     def encode(self, texts: Sequence[str], vectors: torch.Tensor) -> torch.Tensor:
         """``[B, 77*k, D]`` for ``texts`` (k = the most chunks any caption needs; shorter ones are padded
         with the empty prompt's chunk, as A1111 pads), differentiable with respect to ``vectors``."""
-        per_text: list[list[ChunkInput]] = []
-        for text in texts:
-            per_text.append(chunk_inputs(self.chunks(text), self.model.tokenizer, overrides={self.name: vectors}))
+        per_text = [self.inputs(text, vectors) for text in texts]
         most = max(len(inputs) for inputs in per_text)
         flat = [ci for inputs in per_text for ci in inputs + [self._empty] * (most - len(inputs))]
         z = encode_chunks(self.model.text_encoder, flat)

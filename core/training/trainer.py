@@ -11,6 +11,13 @@ between steps. Every random draw comes from generators the trainer owns and chec
 global RNG is never used, so generations in between cannot change a run, and a resumed run continues
 bit for bit (on the CPU). A NaN or infinite loss stops the run without saving over the last good
 checkpoint.
+
+No host sync per step: the latents (encoded once) and each caption's token ids live on the device, the
+noise and timesteps come from a generator on the device, and the loss and the NaN/Inf checks stay device
+tensors until they are read back together every ``--log-every`` steps (and before any save, preview or
+final write, so nothing from a bad step is ever written). A divergence found at a read-back stops the
+run at the first bad step, restores the vectors of the last read-back and keeps the last good
+checkpoint, as before.
 """
 
 from __future__ import annotations
@@ -57,9 +64,21 @@ class TrainingDiverged(TrainingError):
 @dataclass(frozen=True)
 class StepResult:
     step: int
-    loss: float
+    #: The step's mean loss when it was read back with this step (every ``--log-every`` steps), else None.
+    loss: float | None
     lr: float
     epoch: int
+
+
+@dataclass
+class _Pending:
+    """A step whose loss and finiteness are still on the device."""
+
+    step: int
+    epoch: int
+    lr: float
+    loss: torch.Tensor
+    finite: torch.Tensor
 
 
 class Trainer:
@@ -103,7 +122,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([self.vectors], lr=self.schedule.rate_at(plan.start_step + 1),
                                            weight_decay=0.0)
         self.scaler = grad_scaler(self.precision, self.device)
-        self.generator = torch.Generator().manual_seed(self.seed + 2)  # noise, timesteps, flips, random latents
+        self.generator = torch.Generator().manual_seed(self.seed + 2)  # flips (host-side decisions)
+        #: Noise, timesteps and ``--latents random`` draws, made on the device (no per-step copies).
+        self.device_generator = torch.Generator(self.device).manual_seed(self.seed + 5)
         self.rng = random.Random(self.seed + 4)  # template lines, tag shuffle/dropout
         #: Draws of ``--latents once``: seeded alone, so a resumed run re-encodes the same samples.
         self._encode_generator = torch.Generator().manual_seed(self.seed + 3)
@@ -115,6 +136,11 @@ class Trainer:
         self.wrote_target = False
         self.failed: str | None = None
         self.notes = list(plan.notes)
+        self.log_every = max(1, int(opts.log_every))
+        self._pending: list[_Pending] = []
+        self._good_vectors = self.vectors.detach().clone()
+        self._good_step = self.step_count
+        self._time_ids: dict[tuple[int, bool], torch.Tensor] = {}
         if plan.checkpoint is not None:
             self._restore(plan.checkpoint)
         stale = remove_stale_temps(plan.log_dir) + remove_stale_temps(plan.target.parent, names=(plan.target.name,))
@@ -151,6 +177,11 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
+        if state.get("device_generator") is not None:
+            self.device_generator.set_state(state["device_generator"])
+        else:
+            self.notes.append("the checkpoint predates on-device noise: the noise after it differs from an "
+                              "uninterrupted run's")
         self.rng.setstate(_as_tuple(state["py_random"]))
         if int(state.get("dataset_count", -1)) == len(self.data) and int(state.get("repeats", -1)) == self.options.repeats:
             self.order.load_state_dict(state["order"])
@@ -177,6 +208,8 @@ class Trainer:
         more = self.data.encode_some(self.pipe.vae, self.device, self._encode_generator)
         if not more and self.offload_vae:
             self.pipe.vae.to("cpu")  # not needed again until a preview; frees device memory for the run
+        if not more:
+            self.data.to_device(self.device)
         return more
 
     # --- one step ------------------------------------------------------------------------------------
@@ -191,19 +224,15 @@ class Trainer:
         lr = self.schedule.rate_at(number)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        before = self.vectors.detach().clone()
         accum = self.options.accum
-        total = 0.0
+        total: torch.Tensor | None = None
         if self._checkpointing:
             for text_encoder in self._text_encoders():
                 text_encoder.train()  # transformers only checkpoints in training mode (CLIP has no dropout)
         try:
             for _ in range(accum):
                 loss = self._micro_batch()
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    self._diverged(number, value)
-                total += value
+                total = loss.detach() if total is None else total + loss.detach()
                 scaled = loss / accum
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             self._clip_and_step()
@@ -212,20 +241,42 @@ class Trainer:
             if self._checkpointing:
                 for text_encoder in self._text_encoders():
                     text_encoder.eval()
-        if not bool(torch.isfinite(self.vectors).all()):
-            with torch.no_grad():
-                self.vectors.copy_(before)
-            self._diverged(number, float("nan"), "the vectors")
+        assert total is not None
+        mean = total / accum
+        finite = torch.isfinite(mean) & torch.isfinite(self.vectors.detach()).all()
+        self._pending.append(_Pending(number, self.order.epoch, lr, mean, finite))
         self.step_count = number
-        self.last_loss = total / accum
         self.last_lr = lr
-        self.log.log_loss(number, self.order.epoch, self.last_loss, lr)
         opts = self.options
-        if opts.save_every and number % opts.save_every == 0 and number < self.total:
+        saving = bool(opts.save_every and number % opts.save_every == 0 and number < self.total)
+        previewing = bool(opts.preview_every and number % opts.preview_every == 0)
+        read = number % self.log_every == 0 or number >= self.total or saving or previewing
+        loss = self.flush() if read else None
+        if saving:
             self.save()
-        if opts.preview_every and number % opts.preview_every == 0:
+        if previewing:
             self.preview()
-        return StepResult(number, self.last_loss, lr, self.order.epoch)
+        return StepResult(number, loss, lr, self.order.epoch)
+
+    def flush(self) -> float | None:
+        """Read back the pending steps' losses and checks in one transfer; log them; stop at the first bad
+        one (raises :class:`TrainingDiverged`). Returns the last step's loss (None if nothing was pending)."""
+        if not self._pending:
+            return self.last_loss
+        pending, self._pending = self._pending, []
+        values = torch.stack([torch.stack([p.loss.float(), p.finite.float()]) for p in pending]).tolist()
+        for entry, (loss, finite) in zip(pending, values, strict=True):
+            if not finite:
+                with torch.no_grad():
+                    self.vectors.copy_(self._good_vectors)
+                self.step_count = self._good_step
+                what = "the loss" if not math.isfinite(loss) else "the vectors"
+                self._diverged(entry.step, loss if what == "the loss" else float("nan"), what)
+            self.log.log_loss(entry.step, entry.epoch, loss, entry.lr)
+            self.last_loss = loss
+        self._good_vectors = self.vectors.detach().clone()
+        self._good_step = self.step_count
+        return self.last_loss
 
     def _line(self, index: int) -> str:
         """A filled template line for picture ``index`` (line and tag augmentation drawn from ``self.rng``)."""
@@ -237,14 +288,13 @@ class Trainer:
     def _micro_batch(self) -> torch.Tensor:
         indices = self.order.take(self.options.batch)
         texts = [self._line(i) for i in indices]
-        gen = self.generator
-        flips = (torch.rand(len(indices), generator=gen) < 0.5).tolist() if self.data.flip else [False] * len(indices)
+        flips = [self.rng.random() < 0.5 for _ in indices] if self.data.flip else [False] * len(indices)
+        gen = self.device_generator
         latents = torch.stack([self.data.latent(i, f, gen) for i, f in zip(indices, flips, strict=True)])
-        pictures = [(self.data.pictures[i], f) for i, f in zip(indices, flips, strict=True)]
-        noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32)
+        pictures = [(i, self.data.pictures[i], f) for i, f in zip(indices, flips, strict=True)]
+        noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32, device=self.device)
         steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (len(indices),), generator=gen)
-        latents, noise, timesteps = (t.to(self.device) for t in (latents, noise, timesteps))
+        timesteps = torch.randint(0, steps, (len(indices),), generator=gen, device=self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.prediction == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -255,13 +305,21 @@ class Trainer:
             added = None
             if self.sdxl:  # SDXL training's added conditioning: pooled captions, each picture's time ids
                 cond, pooled = self.text.encode(texts, self.vectors)
-                ids = torch.tensor([p.time_ids(self.size, f) for p, f in pictures], dtype=torch.float32)
-                added = {"text_embeds": pooled.to(unet.dtype), "time_ids": ids.to(self.device, unet.dtype)}
+                ids = torch.stack([self._picture_time_ids(i, p, f) for i, p, f in pictures])
+                added = {"text_embeds": pooled.to(unet.dtype), "time_ids": ids.to(unet.dtype)}
             else:
                 cond = self.text.encode(texts, self.vectors)
             pred = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=cond.to(unet.dtype),
                         added_cond_kwargs=added).sample
         return self.loss_fn(pred.float(), target.float())
+
+    def _picture_time_ids(self, index: int, picture: Any, flipped: bool) -> torch.Tensor:
+        """SDXL time ids of one picture, on the device once per picture and flip."""
+        key = (index, flipped)
+        if key not in self._time_ids:
+            self._time_ids[key] = torch.tensor(picture.time_ids(self.size, flipped), dtype=torch.float32,
+                                               device=self.device)
+        return self._time_ids[key]
 
     def loss_fn(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean squared error against the noise (or the v-prediction target)."""
@@ -302,10 +360,12 @@ class Trainer:
         """Save a resumable checkpoint of the current step (never after a divergence)."""
         if self.failed is not None:
             return None
+        self.flush()
         state = {
             "name": self.name, "step": self.step_count, "vectors": self.current_vectors(),
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
             "generator": self.generator.get_state(), "py_random": _as_list(self.rng.getstate()),
+            "device_generator": self.device_generator.get_state(),
             "order": self.order.state_dict(), "dataset_count": len(self.data), "repeats": self.options.repeats,
             "seed": self.seed, "options": self.options.to_params(), "init_text": self.plan.init_text,
             "output": str(self.plan.target), "loss": self.last_loss, "model_hash": self.model.model_hash,
@@ -316,6 +376,7 @@ class Trainer:
 
     def preview(self) -> Path:
         """Generate ``images/<name>-<step>.png`` with the current vectors, and its A1111 picture card."""
+        self.flush()
         prompt = self.options.preview_prompt
         text = as_prompt(prompt.replace(f"<{self.name}>", "[name]"), self.name) if prompt else as_prompt(
             fill_filewords(self.templates[0], self.data.pictures[0].caption), self.name)
@@ -353,11 +414,17 @@ class Trainer:
         """End of a run (done or stopped): checkpoint, log embedding and the final file; returns its path."""
         if self.failed is not None:
             raise TrainingError(f"!train {self.name}: {self.failed}")
+        self.flush()
         self.save()
         return self.write_final()
 
     def close(self) -> None:
         """Release what the run holds on the shared model (checkpointing flags, VAE placement, log file)."""
+        if self.failed is None:
+            try:
+                self.flush()  # the pending steps' loss rows (a stopped run)
+            except TrainingDiverged:
+                pass  # recorded in self.failed; closing still releases everything
         self.log.close()
         if self._checkpointing:
             set_gradient_checkpointing(self.pipe, False)
