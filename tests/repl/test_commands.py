@@ -109,7 +109,7 @@ def test_train_every_option_of_the_contract(tmp_path):
     line = (f"!train cat --data {tmp_path} --init a cat --vectors 2 --steps 100 --lr 0.005:50, 1e-3 --batch 2 "
             "--accum 3 --size 512x512 --template style --filename-regex (\\w+) --join \" \" --shuffle-tags "
             "--tag-dropout 0.1 --latents random --clip-grad norm:1 --repeats 2 --center-crop --flip "
-            "--precision bf16 --gradient-checkpointing --save-every 10 --preview-every 0 "
+            "--precision bf16 --gradient-checkpointing --save-every 10 --preview-every 0 --log-every 5 "
             "--preview-prompt a photo of [name] --log-dir logs/cat --seed 42 --format pt --overwrite --wait")
     params = parse(line)["params"]
     assert params == {
@@ -117,7 +117,7 @@ def test_train_every_option_of_the_contract(tmp_path):
         "lr": "0.005:50, 1e-3", "batch": 2, "accum": 3, "size": "512x512", "template": "style",
         "filename_regex": "(\\w+)", "join": " ", "shuffle_tags": True, "tag_dropout": 0.1, "latents": "random",
         "clip_grad": "norm:1", "repeats": 2, "center_crop": True, "flip": True, "precision": "bf16",
-        "gradient_checkpointing": True, "save_every": 10, "preview_every": 0,
+        "gradient_checkpointing": True, "save_every": 10, "preview_every": 0, "log_every": 5,
         "preview_prompt": "a photo of [name]", "log_dir": "logs/cat", "seed": 42, "format": "pt",
         "overwrite": True, "wait": True,
     }
