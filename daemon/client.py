@@ -65,6 +65,8 @@ class DaemonClient:
         self._pending: dict[int, asyncio.Future] = {}
         self._listeners: list[Callable[[dict], None]] = []
         self._reader_task: asyncio.Task | None = None
+        #: Called with the reason once the connection is closed (by either side), e.g. to reconnect.
+        self.on_closed: list[Callable[[str], None]] = []
 
     @classmethod
     async def connect(cls, socket: Path, *, timeout: float = 5.0, events: bool = True,
@@ -148,6 +150,11 @@ class DaemonClient:
         for future in pending.values():
             if not future.done():
                 future.set_exception(DaemonUnavailable(f"daemon went away ({why})"))
+        for callback in list(self.on_closed):
+            try:
+                callback(why)
+            except Exception:
+                log.exception("on_closed callback %r failed", callback)
 
     async def _read_loop(self) -> None:
         why = "the connection was closed"

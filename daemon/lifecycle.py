@@ -84,7 +84,7 @@ def _daemon_error(log_file: Path, offset: int, code: int) -> str:
 
 
 def ensure_daemon(settings: Settings, *, on_status: Callable[[str], None] | None = None,
-                  timeout: float = START_TIMEOUT_S) -> None:
+                  timeout: float = START_TIMEOUT_S, retry: bool = True) -> None:
     """Make sure a daemon answers on ``settings.socket``: reuse one, wait for one starting, or start one.
 
     Raises :class:`DaemonUnavailable` with the daemon's own error (e.g. a bad ``--model``) when it cannot
@@ -114,6 +114,8 @@ def ensure_daemon(settings: Settings, *, on_status: Callable[[str], None] | None
         if _answers(settings.socket):
             return
         if SocketLock(settings.socket).holder() is None and not _answers(settings.socket):
+            if retry:  # the holder was a daemon dying (killed: its socket closes before its lock): start one
+                return ensure_daemon(settings, on_status=on_status, timeout=timeout, retry=False)
             raise DaemonUnavailable(f"the daemon starting on {settings.socket} exited; see {settings.log_file}")
         time.sleep(0.1)
     raise DaemonUnavailable(f"no daemon became ready on {settings.socket} within {timeout:g} s")

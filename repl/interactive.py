@@ -11,6 +11,7 @@ details in the log) and the loop goes on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -176,14 +177,52 @@ class InteractiveRepl:
         self._terminal = sys.stdout
         await self.feed.start()
         self.client.add_event_listener(self.tracker.on_event)
+        watch = None
         with patch_stdout(raw=True):
             self.emit(self.banner())
             self.tracker.start()
+            if hasattr(self.client, "watch"):  # a repl.connection.Connection: survive the daemon
+                self.client.on_lost.append(self._daemon_lost)
+                self.client.on_back.append(self._daemon_back)
+                self.client.on_status = lambda text: self.emit(f"sdrepl: {text}")
+                watch = asyncio.ensure_future(self.client.watch())
             try:
                 return await self._loop()
             finally:
+                if watch is not None:
+                    watch.cancel()
+                    with contextlib.suppress(BaseException):
+                        await watch
                 await self.tracker.close()
                 await self.feed.close()
+
+    # -- the daemon going away and coming back ----------------------------------------------------------
+
+    def _daemon_lost(self, why: str) -> None:
+        """Said at once (not on the next line); buffer, history and ``!set`` defaults stay as they are."""
+        self.state.daemon_gone = why
+        self.state.notify(f"the daemon on {self.settings.socket} went away ({why}); reconnecting when one answers "
+                          "again, or the next line starts one")
+
+    async def _daemon_back(self, client: Any) -> None:
+        await self.feed.resync()
+        self.tracker.refresh()
+        hello = getattr(client, "hello", None) or {}
+        model = (hello.get("model") or {}).get("model", "?")
+        self.state.notify(f"reconnected to the daemon on {self.settings.socket} (pid {hello.get('pid', '?')}, model "
+                          f"{model}; {len(self.state.embeddings)} embeddings)")
+
+    async def _ensure_daemon(self, line: LogicalLine) -> bool:
+        """Before a line that needs the daemon: reconnect, or start one (as at start-up); False if none."""
+        ensure = getattr(self.client, "ensure", None)
+        if ensure is None or not needs_daemon(line.text):
+            return True
+        try:
+            return await ensure(auto_start=True)
+        except Exception as exc:
+            self.emit(f"sdrepl: no daemon can be reached or started on {self.settings.socket}: "
+                      f"{getattr(exc, 'message', None) or exc}; the line is back in the buffer")
+            return False
 
     def banner(self) -> str:
         model = self.state.model or {}
@@ -214,6 +253,9 @@ class InteractiveRepl:
                 continue
             prefill = ""
             for line in self.assemble(text):
+                if not await self._ensure_daemon(line):
+                    prefill = line.source
+                    break
                 result = await self.run_line(line)
                 if result is None:
                     continue
@@ -337,6 +379,16 @@ def wrap_text(text: str, width: int) -> str:
     return "\n".join(out)
 
 
+def needs_daemon(text: str) -> bool:
+    """Whether running ``text`` talks to the daemon (``!help``, ``!history``, ``!quit`` and habits do not)."""
+    from sdrepl.repl.session import HABITS, RECALL
+
+    word = HABITS.get(text.strip().lower(), text.strip())
+    if RECALL.fullmatch(word):
+        return False
+    return not (word.startswith("!") and word[1:].split(" ", 1)[0].lower() in ("help", "history", "quit", "exit"))
+
+
 def format_error(error: Any) -> str:
     if isinstance(error, dict):
         return f"{error.get('type', 'Error')}: {error.get('message', '')}"
@@ -350,8 +402,7 @@ def describe_failure(exc: BaseException) -> str:
     name = type(exc).__name__
     if name in ("DaemonUnavailable", "ConnectionError", "ConnectionResetError", "BrokenPipeError",
                 "IncompleteReadError"):
-        return (f"the daemon went away ({exc}); start it again with `sdrepl serve --detach` and restart "
-                "the REPL, or leave with Ctrl-D")
+        return f"the daemon went away ({exc}); the next line reconnects, starting a daemon if none answers"
     if hasattr(exc, "type_name"):
         return format_error(exc)
     return f"internal error: {name}: {exc} (details in {log_location()})"

@@ -101,7 +101,12 @@ def unreachable(settings: Any, exc: BaseException) -> str:
 
 
 async def _run(settings: Any, lines: TextIO, *, scripted: bool, json_mode: bool, fail_fast: bool) -> int:
-    client = await connect(settings, client_name="script" if scripted else "repl")
+    from sdrepl.repl.connection import Connection
+
+    name = "script" if scripted else "repl"
+    client = Connection(settings, client_name=name, connect=lambda: connect(settings, client_name=name))
+    client.on_status = print_status
+    await client.attach(await connect(settings, client_name=name))
     try:
         if scripted:
             from sdrepl.repl.scripted import run_script

@@ -16,7 +16,8 @@ Output choices, fixed here:
   state change), and generation steps when a picture takes longer than two seconds. No colours, no
   carriage-return spinners, ever.
 - exit status: 0 when every line succeeded, 1 when one failed (all lines still run unless
-  ``fail_fast``), 2 when the daemon connection is lost mid-script (later lines could only fail).
+  ``fail_fast``); a line that fails because the daemon went away is such a failure, and the next line
+  reconnects (starting a daemon as at start-up); 2 when no daemon can be reached or started then.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from sdrepl.core.display import visible
+from sdrepl.core.errors import SdreplError
 from sdrepl.repl import render
 from sdrepl.repl.lines import LineAssembler, LogicalLine
 from sdrepl.repl.session import LineResult, Session
@@ -180,7 +182,7 @@ async def run_script(
     out: IO[str] | None = None, err: IO[str] | None = None, session: Session | None = None,
     cwd: Path | None = None,
 ) -> int:
-    """Run REPL lines as they arrive; return the exit status (0 all ok, 1 a line failed, 2 daemon lost).
+    """Run REPL lines as they arrive; return the exit status (0 all ok, 1 a line failed, 2 no daemon).
 
     ``lines`` is read lazily (pass ``sys.stdin`` itself, not its contents). ``session`` lets a caller
     reuse one (with its defaults); otherwise a fresh one anchored at ``cwd`` is made.
@@ -194,6 +196,7 @@ async def run_script(
         client.add_event_listener(progress.on_event)
     reader = LineReader(lines)
     assembler = LineAssembler()
+    reconnect = getattr(client, "ensure", None)  # a repl.connection.Connection: lines after a lost daemon go on
     status = EXIT_OK
     try:
         while True:
@@ -210,11 +213,19 @@ async def run_script(
                 if physical is None:
                     break
                 continue
+            if reconnect is not None:  # the daemon went away after an earlier line: find or start one
+                try:
+                    await reconnect(auto_start=True)
+                except SdreplError as exc:
+                    error = {"type": "DaemonUnavailable", "message": f"no daemon can be reached or started: {exc}"}
+                    failed = LineResult(False, "daemon", {}, error, f"error: DaemonUnavailable: {error['message']}")
+                    _write_result(out, logical, failed, json_mode)
+                    return EXIT_UNREACHABLE
             result = await session.execute_logical(logical)
             _write_result(out, logical, result, json_mode)
             if not result.ok:
                 status = EXIT_FAILED
-                if result.error and result.error.get("type") in FATAL_ERRORS:
+                if result.error and result.error.get("type") in FATAL_ERRORS and reconnect is None:
                     return EXIT_UNREACHABLE
                 if fail_fast:
                     break

@@ -227,12 +227,17 @@ class StateFeed:
 
     async def start(self) -> None:
         """Read the daemon's present state and subscribe to its events (the client must send events)."""
+        self.client.add_event_listener(self.on_event)
+        await self.resync()
+
+    async def resync(self) -> None:
+        """Read the daemon's present state again: at start, and after reconnecting to a (new) daemon."""
+        self.state.daemon_gone = None
         hello = getattr(self.client, "hello", None) or {}
         if isinstance(hello.get("model"), dict):
             self.state.set_model(hello["model"], hello.get("state"))
         elif hello.get("state"):
             self.state.model_state = hello["state"]
-        self.client.add_event_listener(self.on_event)
         try:
             self.state.set_status(await self.client.request("status"))
         except Exception as exc:  # a missing status is cosmetic; the REPL still works
