@@ -26,8 +26,10 @@ from sdrepl.core.models import load_model
 from sdrepl.core.prompt import StaticLookup
 from sdrepl.core.tiny import load_tokenizer
 
-SHARED = Path(os.environ.get("SDREPL_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-FIXTURES = SHARED / "fixtures" / "embeddings" / "a1111"
+# The vendored fixtures (tests/fixtures), or $SDREPL_SHARED/fixtures when that names another copy.
+_ROOT = (Path(os.environ["SDREPL_SHARED"]) / "fixtures" if os.environ.get("SDREPL_SHARED")
+         else Path(__file__).resolve().parents[1] / "tests" / "fixtures")
+FIXTURES = _ROOT / "embeddings" / "a1111"
 FILES = {
     "bad-hands-5": "bad-hands-5.pt",
     "bad-artist": "bad-artist.pt",
@@ -134,6 +136,57 @@ def bench_diffusers(args, folder: Path, ours, runs: int, sync) -> list[tuple[str
     ]
 
 
+def bench_sdxl(args, runs: int, sync) -> list[tuple[str, str]]:
+    """tiny-sdxl: our two-encoder conditioning against diffusers' ``StableDiffusionXLPipeline.encode_prompt``
+    (same tensors, see tests/core/test_sdxl.py), plain and with a 4-vector clip_l/clip_g pair (diffusers:
+    its documented two ``load_textual_inversion`` calls, one per encoder)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdrepl.core.conditioning import encode_prompts
+    from sdrepl.core.embedding import CLIP_G, CLIP_L, Embedding, EmbeddingData
+
+    xl = load_model("tiny-sdxl", device=args.device, dtype=args.dtype)
+    gen = torch.Generator().manual_seed(0)
+    pair = {CLIP_L: torch.randn(4, 768, generator=gen) * 0.02, CLIP_G: torch.randn(4, 1280, generator=gen) * 0.02}
+    emb = Embedding("pair", "pair", Path("pair.safetensors"), EmbeddingData(pair, "safetensors/sdxl"), "0" * 64)
+    lookup = StaticLookup([emb])
+    plain = PREFIX + "a cat"
+    with_pair = PREFIX + "<pair> cat"
+
+    def ours(text):
+        return lambda _i: encode_prompts(xl, text, "", lookup)
+
+    for _ in range(3):
+        ours(plain)(0)
+        ours(with_pair)(0)
+    ours_plain, ours_pair = median_ms(ours(plain), runs, sync), median_ms(ours(with_pair), runs, sync)
+    ref = StableDiffusionXLPipeline.from_pretrained(xl.path, local_files_only=True, add_watermarker=False)
+    ref.to(xl.device)
+    start = time.perf_counter()
+    ref.load_textual_inversion(pair[CLIP_G], token="<pair>", text_encoder=ref.text_encoder_2, tokenizer=ref.tokenizer_2)
+    ref.load_textual_inversion(pair[CLIP_L], token="<pair>", text_encoder=ref.text_encoder, tokenizer=ref.tokenizer)
+    sync()
+    load_ms = (time.perf_counter() - start) * 1e3
+
+    def theirs(text):  # with guidance and no negative prompt: zeros for it, as ours
+        def run(_i):
+            with torch.no_grad():
+                ref.encode_prompt(text, device=xl.device, do_classifier_free_guidance=True)
+        return run
+
+    for _ in range(3):
+        theirs(plain)(0)
+    their_plain = median_ms(theirs(plain), runs, sync)
+    their_pair = median_ms(theirs(PREFIX + "<pair> cat"), runs, sync)
+    return [
+        (f"tiny-sdxl ours: prompt + empty negative, both encoders + pooled (median of {runs})",
+         f"{ours_plain:.3f} ms"),
+        ("tiny-sdxl diffusers: encode_prompt, same prompt", f"{their_plain:.3f} ms  ({ours_plain / their_plain:.2f}x)"),
+        ("tiny-sdxl ours: with a 4-vector clip_l/clip_g pair", f"{ours_pair:.3f} ms  ({ours_pair / ours_plain:.3f}x plain)"),
+        ("tiny-sdxl diffusers: two load_textual_inversion calls", f"{load_ms:.3f} ms (then {their_pair:.3f} ms/encode)"),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -152,6 +205,7 @@ def main() -> None:
     cond_rows, _ = bench_conditioning(ours, lookup, args.runs, sync)
     rows += cond_rows
     rows += bench_diffusers(args, args.fixtures, ours, args.runs, sync)
+    rows += bench_sdxl(args, min(args.runs, 50), sync)
     width = max(len(label) for label, _ in rows)
     print(
         f"sdrepl prompt benchmark: tiny model on {ours.device} ({args.dtype}), "

@@ -14,7 +14,9 @@ prepared data already take), for
   copy after the step;
 
 and the speed ratio (target >= 2x). On the CPU (``tiny``, 64x64) each loop runs in its own child process
-so the memory figures (RSS sampled every 2 ms) do not see each other. ``--gpu`` builds SD 1.5-shaped
+so the memory figures (RSS sampled every 2 ms) do not see each other. The same CPU run also trains an SDXL
+pair on ``tiny-sdxl`` with our trainer (both encoders, pooled captions, time ids) and prints its speed
+beside ours on ``tiny``: what SDXL's second encoder and added conditioning cost per step. ``--gpu`` builds SD 1.5-shaped
 models with random weights (UNet 320/640/1280/1280, 2 layers per block, cross-attention 768, head dim 8;
 VAE 128/256/512/512; CLIP text 12 x 768) at 512x512, for batch 1 and 4 in fp16 and bf16, measuring
 ``torch.cuda.max_memory_allocated``; without CUDA it says so and exits 0.
@@ -178,14 +180,14 @@ def timed(step: Any, steps: int, warmup: int, device: torch.device) -> float:
     return steps / (time.perf_counter() - started)
 
 
-def child(variant: str, steps: int, warmup: int, threads: int) -> dict[str, float]:
-    """One CPU measurement on ``tiny`` in this (child) process."""
+def child(variant: str, steps: int, warmup: int, threads: int, model_name: str = "tiny") -> dict[str, float]:
+    """One CPU measurement on ``model_name`` in this (child) process."""
     import gc
 
     from sdrepl.core.models import load_model
 
     torch.set_num_threads(threads)
-    model = load_model("tiny", device="cpu", dtype="fp32")
+    model = load_model(model_name, device="cpu", dtype="fp32")
     with tempfile.TemporaryDirectory() as tmp:
         data = make_pictures(Path(tmp) / "data", 64)
         step, close = (ours(model, data, 64, 1, Path(tmp) / "log") if variant == "ours"
@@ -201,17 +203,20 @@ def child(variant: str, steps: int, warmup: int, threads: int) -> dict[str, floa
 
 def run_cpu(args: argparse.Namespace) -> None:
     results = {}
-    for variant in ("ours", "reference"):
+    for variant, model_name in (("ours", "tiny"), ("reference", "tiny"), ("ours", "tiny-sdxl")):
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
         done = subprocess.run([sys.executable, __file__, "--child", variant, "--steps", str(args.steps),
-                               "--warmup", str(args.warmup), "--threads", str(args.threads)],
-                              capture_output=True, text=True, env=env)
+                               "--warmup", str(args.warmup), "--threads", str(args.threads),
+                               "--child-model", model_name], capture_output=True, text=True, env=env)
         if done.returncode != 0:
-            sys.exit(f"the {variant} run failed:\n{done.stderr[-3000:]}")
-        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+            sys.exit(f"the {variant} run on {model_name} failed:\n{done.stderr[-3000:]}")
+        results[variant, model_name] = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"textual-inversion training, tiny model on the CPU, 64x64, batch 1, {args.steps} timed steps, "
           f"torch threads {args.threads}")
-    table([("cpu", "fp32", 1, results["ours"], results["reference"])])
+    table([("cpu", "fp32", 1, results["ours", "tiny"], results["reference", "tiny"])])
+    xl, sd1 = results["ours", "tiny-sdxl"], results["ours", "tiny"]
+    print(f"\nSDXL pair (clip_l + clip_g) on tiny-sdxl, same settings, our trainer: {xl['steps_s']:.2f} it/s, "
+          f"peak {xl['peak_mb']:.1f} MiB added; {xl['steps_s'] / sd1['steps_s']:.2f}x the speed of tiny (SD 1.x)")
 
 
 def table(rows: list[tuple[str, str, int, dict, dict]]) -> None:
@@ -305,9 +310,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (default 1)")
     parser.add_argument("--gpu", action="store_true", help="SD 1.5-shaped models on CUDA instead of tiny")
     parser.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--child-model", default="tiny", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.warmup, args.threads)))
+        print(json.dumps(child(args.child, args.steps, args.warmup, args.threads, args.child_model)))
     elif args.gpu:
         run_gpu(args)
     else:

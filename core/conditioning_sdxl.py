@@ -200,9 +200,11 @@ def encode_prompts_sdxl(
     options = options or PromptOptions()
     with torch.no_grad():
         pos, pooled, pos_budget = _encode_one(model, prompt, lookup, options)
-        neg, neg_pooled, neg_budget = _encode_one(model, negative or "", lookup, options)
-        if not negative:  # exactly empty, as A1111 tests it
-            neg, neg_pooled = torch.zeros_like(neg), torch.zeros_like(neg_pooled)
+        if negative:
+            neg, neg_pooled, neg_budget = _encode_one(model, negative, lookup, options)
+        else:  # exactly empty, as A1111 tests it: zeros, so the encoders need not run
+            _, neg_budget = chunk_prompt("", model.tokenizer, lookup, options)
+            neg, neg_pooled = torch.zeros_like(pos[:1]), torch.zeros_like(pooled)
         if pos.shape[0] != neg.shape[0]:
             empty, _ = encode_sdxl_chunks(model, frame_both([Chunk()], model), options.clip_skip)
             short = max(pos.shape[0], neg.shape[0])
