@@ -23,6 +23,7 @@ from sdrepl.core.budget import count_tokens
 from sdrepl.core.conditioning import encode_text
 from sdrepl.core.embedding import SINGLE, Embedding, EmbeddingData
 from sdrepl.core.models import load_model
+from sdrepl.core.plan_budget import scheduled_prompt_budget
 from sdrepl.core.prompt import StaticLookup
 from sdrepl.core.tiny import load_tokenizer
 
@@ -72,9 +73,18 @@ def bench_budget(lookup: StaticLookup, runs: int) -> list[tuple[str, str]]:
     budget = count_tokens(prompt, tokenizer, lookup)
     cold = (time.perf_counter() - start) * 1e3
     warm = median_ms(lambda i: count_tokens(prompt + " dog" * (i % 7), tokenizer, lookup), runs, lambda: None)
+    # issue 14: the same prompt with editing and alternation (every text of 20 steps counted), and pasted
+    # with full-width commas (ftfy normalises each piece before it is tokenized)
+    scheduled = "[a|the] " + prompt.replace("red cat", "[red:blue:0.5] cat", 3)
+    sched = median_ms(lambda i: scheduled_prompt_budget(scheduled + " dog" * (i % 7), "", tokenizer, lookup,
+                                                        steps=20), runs, lambda: None)
+    wide = prompt.replace(", ", "，")
+    wide_ms = median_ms(lambda i: count_tokens(wide + "，dog" * (i % 7), tokenizer, lookup), runs, lambda: None)
     return [
         (f"budget {budget.label()} tokens, first call (cold cache)", f"{cold:.3f} ms"),
         (f"budget {budget.label()} tokens, typing (median of {runs})", f"{warm:.3f} ms  (target < 2 ms)"),
+        ("  same with editing + alternation over 20 steps", f"{sched:.3f} ms  ({sched / warm:.2f}x, target < 2 ms)"),
+        ("  same pasted with full-width commas (ftfy)", f"{wide_ms:.3f} ms  ({wide_ms / warm:.2f}x, target < 2 ms)"),
     ]
 
 

@@ -231,14 +231,21 @@ class PromptSchedule:
 
     def spans(self) -> list[Span]:
         """Every sampling step's text as runs of equal text, in step order."""
+        return list(self._spans)
+
+    @functools.cached_property
+    def _spans(self) -> tuple[Span, ...]:
         spans: list[Span] = []
-        for step in range(self.steps):
-            text = self.text_at(step)
+        entry = 0
+        for step in range(self.steps):  # one sweep: the entries are sorted by their end
+            while entry < len(self.entries) - 1 and step > self.entries[entry][0]:
+                entry += 1
+            text = self.entries[entry][1]
             if spans and spans[-1].text == text:
                 spans[-1] = Span(spans[-1].first, step, text)
             else:
                 spans.append(Span(step, step, text))
-        return spans
+        return tuple(spans)
 
     def texts(self) -> list[str]:
         """The distinct texts the sampling steps use, in order of first use (each encoded once)."""
