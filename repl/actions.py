@@ -18,10 +18,20 @@ from typing import TYPE_CHECKING, Any
 
 from sdrepl.core.errors import SdreplError, UsageError
 from sdrepl.core.limits import float_range, int_range
-from sdrepl.core.prompt import MAX_COMMA_WINDOW, emphasis_mode
+from sdrepl.core.prompt import MAX_COMMA_WINDOW
 from sdrepl.core.status_text import format_status
 from sdrepl.repl import render
-from sdrepl.repl.parse import GenerationLine, escape, to_float, to_int, to_sampler, to_seed, to_size, unquote
+from sdrepl.repl.parse import (
+    GenerationLine,
+    escape,
+    to_emphasis,
+    to_float,
+    to_int,
+    to_sampler,
+    to_seed,
+    to_size,
+    unquote,
+)
 from sdrepl.repl.train_args import resolve_paths
 
 if TYPE_CHECKING:
@@ -62,7 +72,7 @@ def generation_params(line: GenerationLine, defaults: Any) -> dict[str, Any]:
         "sampler": pick(line.sampler, defaults.sampler),
         "n": pick(line.n, defaults.n),
         "clip_skip": pick(line.clip_skip, defaults.clip_skip),
-        **prompt_settings(defaults),
+        **prompt_settings(defaults, line),
     }
     width, height = defaults.size if defaults.size else (None, None)
     width, height = pick(line.width, width), pick(line.height, height)
@@ -75,10 +85,16 @@ def generation_params(line: GenerationLine, defaults: Any) -> dict[str, Any]:
     return params
 
 
-def prompt_settings(defaults: Any) -> dict[str, Any]:
-    """The ``!set emphasis`` / ``!set comma_padding_backtrack`` a request carries (none: the daemon's own)."""
-    return {key: getattr(defaults, key) for key in ("emphasis", "comma_padding_backtrack")
-            if getattr(defaults, key, None) is not None}
+def prompt_settings(defaults: Any, line: Any = None) -> dict[str, Any]:
+    """The emphasis and comma backtrack a request carries: the line's ``--emphasis`` /
+    ``--comma-padding-backtrack``, else ``!set``'s; neither: none (the daemon's own apply)."""
+    out = {}
+    for key in ("emphasis", "comma_padding_backtrack"):
+        value = getattr(line, key, None)
+        value = getattr(defaults, key, None) if value is None else value
+        if value is not None:
+            out[key] = value
+    return out
 
 
 async def run_generate(session: Session, line: GenerationLine, started: Started) -> Outcome:
@@ -121,7 +137,7 @@ async def run_tokens(session: Session, line: GenerationLine, started: Started) -
     negative = session.defaults.negative if line.negative is None else line.negative
     steps = session.defaults.steps if line.steps is None else line.steps
     reply = await session.client.request("tokens", prompt=line.prompt, negative=negative, steps=steps,
-                                         **prompt_settings(session.defaults))
+                                         **prompt_settings(session.defaults, line))
     return Outcome({"tokens": reply}, render.tokens(reply))
 
 
@@ -178,16 +194,10 @@ _SETTERS: dict[str, Callable[[str], Any]] = {
     "sampler": to_sampler, "n": to_int(*int_range("n")), "clip_skip": to_int(*int_range("clip_skip")),
     "negative": unquote,
     "size": lambda v: None if v.strip().lower() in ("native", "auto", "none") else to_size(v),
-    "emphasis": lambda v: _emphasis(unquote(v)),
+    "emphasis": lambda v: to_emphasis(unquote(v)),
     "comma_padding_backtrack": to_int(0, MAX_COMMA_WINDOW),
 }
 
-
-def _emphasis(value: str) -> str:
-    try:
-        return emphasis_mode(value)
-    except SdreplError as exc:
-        raise ValueError(str(exc)) from None
 
 
 async def run_set(session: Session, parsed: tuple[str | None, str | None], started: Started) -> Outcome:
@@ -309,6 +319,14 @@ def fetch_line(p: dict[str, Any]) -> str:
             options.append(f"--sampler {sampler}")  # kept: running the line will say what is wrong
     if p.get("clip_skip") not in (None, 1):
         options.append(f"--clip-skip {p['clip_skip']}")
+    extra = p.get("extra") or {}
+    try:  # A1111 writes Emphasis when it is not Original; sdrepl also a comma window that is not 20
+        if extra.get("Emphasis"):
+            options.append(f"--emphasis {to_emphasis(str(extra['Emphasis']))}")
+        if extra.get("Comma padding backtrack") not in (None, ""):
+            options.append(f"--comma-padding-backtrack {int(str(extra['Comma padding backtrack']))}")
+    except ValueError:
+        pass  # an unreadable value: the setting is left to the session, as an unknown field would be
     prompt = escape(p.get("prompt") or "")
     if "\n" in prompt or "\n" in (p.get("negative") or ""):
         return '"""\n' + prompt + "\n" + " ".join(options) + '\n"""'

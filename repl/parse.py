@@ -28,6 +28,7 @@ from typing import Any
 
 from sdrepl.core.errors import PromptError, SdreplError, UsageError
 from sdrepl.core.limits import LIMITS, MAX_SEED, float_range, int_range
+from sdrepl.core.prompt import MAX_COMMA_WINDOW, emphasis_mode
 from sdrepl.core.samplers import find_sampler
 
 _LONG = r"--[A-Za-z][\w-]*(?==|\s|$)"
@@ -226,7 +227,18 @@ GENERATION_OPTIONS: tuple[Option, ...] = (
     Option("width", ("--width", "-W"), to_dim, "W"),
     Option("height", ("--height", "-H"), to_dim, "H"),
     Option("clip_skip", ("--clip-skip", "--clip_skip"), to_int(*int_range("clip_skip")), "N"),
+    Option("emphasis", ("--emphasis",), lambda v: to_emphasis(v), "MODE"),
+    Option("comma_padding_backtrack", ("--comma-padding-backtrack", "--comma_padding_backtrack"),
+           to_int(0, MAX_COMMA_WINDOW), "N"),
 )
+
+
+def to_emphasis(text: str) -> str:
+    """A1111's emphasis mode by name (``Original``, ``No norm``, ``Ignore``, ``None``; case and spaces free)."""
+    try:
+        return emphasis_mode(text.strip().strip("\"'"))
+    except SdreplError as exc:
+        raise ValueError(str(exc)) from None
 
 
 @dataclass
@@ -247,6 +259,8 @@ class GenerationLine:
     sampler: str | None = None
     n: int | None = None
     clip_skip: int | None = None
+    emphasis: str | None = None
+    comma_padding_backtrack: int | None = None
 
 
 #: InvokeAI's short switches that sdrepl does not support: an error naming the switch, never prompt text.
@@ -277,7 +291,7 @@ def parse_generation(text: str) -> GenerationLine:
     if len(head) >= 2 and head[0] == head[-1] and head[0] in "\"'" and head[0] not in head[1:-1]:
         head = head[1:-1].strip()  # InvokeAI's habit: "a prompt in quotes" -s 30
     line = GenerationLine(prompt=head)
-    for key in ("negative", "steps", "cfg", "sampler", "n", "clip_skip"):
+    for key in ("negative", "steps", "cfg", "sampler", "n", "clip_skip", "emphasis", "comma_padding_backtrack"):
         if key in values:
             setattr(line, key, values[key])
     if "seed" in values:

@@ -42,17 +42,24 @@ def split_prompt(text: str) -> tuple[str, str | None]:
     return head, values.get("negative")
 
 
-def line_steps(text: str) -> int | None:
-    """The ``--steps`` of a generation or ``!tokens`` line as typed so far (None when not given or not a
-    number yet): a schedule like ``[a:b:10]`` is counted for the steps the line will run."""
+def line_settings(text: str) -> dict[str, Any]:
+    """The ``--steps``, ``--emphasis`` and ``--comma-padding-backtrack`` of a generation or ``!tokens`` line
+    as typed so far, where they are complete and valid: a schedule like ``[a:b:10]`` is counted for the
+    steps the line will run, with the line's own prompt settings."""
+    from sdrepl.repl.parse import to_emphasis
+
     stripped = text.strip()
     if stripped.startswith("!"):
         stripped = stripped.partition(" ")[2]
-    value = split_line(stripped)[1].get("steps")
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
+    values = split_line(stripped)[1]
+    out: dict[str, Any] = {}
+    for key, convert in (("steps", int), ("emphasis", to_emphasis), ("comma_padding_backtrack", int)):
+        if values.get(key) is not None:
+            try:
+                out[key] = convert(values[key])
+            except ValueError:
+                pass
+    return out
 
 
 def split_line(text: str) -> tuple[str, dict[str, Any]]:
@@ -127,9 +134,7 @@ class BudgetTracker:
             full = f"{prefix}\n{text}" if prefix else text
             self.wanted = budget_request(full, self.get_default_negative() or "")
             self.params = {k: v for k, v in self.get_settings().items() if v is not None}
-            steps = line_steps(text)
-            if steps is not None:
-                self.params["steps"] = steps
+            self.params.update(line_settings(text))
             self.changed_at = time.perf_counter()
             if self.wanted is None:
                 if self.state.budget is not None:

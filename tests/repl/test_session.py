@@ -355,3 +355,29 @@ def test_set_emphasis_and_comma_backtrack_travel_with_generations_and_tokens(fak
 def test_bad_prompt_settings_are_refused_with_the_choices(fake, line, message):
     result = execute(Session(fake), line)
     assert not result.ok and message in result.error["message"]
+
+
+def test_a_line_may_carry_its_own_prompt_settings(fake):
+    session = Session(fake, defaults=SessionDefaults(emphasis="Ignore"))
+    execute(session, "a cat --emphasis No norm --comma-padding-backtrack 5")
+    assert {k: fake.calls[-1][1][k] for k in ("emphasis", "comma_padding_backtrack")} == {
+        "emphasis": "No norm", "comma_padding_backtrack": 5}
+    execute(session, "a cat")
+    assert fake.calls[-1][1]["emphasis"] == "Ignore"
+    result = execute(session, "a cat --emphasis loud")
+    assert not result.ok and "Original, No norm, Ignore, None" in result.error["message"]
+
+
+def test_fetch_brings_back_emphasis_and_the_comma_window():
+    from sdrepl.core.pnginfo import build_parameters, parse_parameters
+    from sdrepl.repl.actions import fetch_line, unsupported_fields
+    from sdrepl.repl.parse import parse_generation
+
+    text = build_parameters(prompt="a (cat:1.2)", steps=4, sampler="Euler", cfg=7, seed=1, width=64, height=64,
+                            extra={"Emphasis": "No norm", "Comma padding backtrack": 0})
+    parsed = parse_parameters(text)
+    line = fetch_line(parsed)
+    assert line.endswith("--emphasis No norm --comma-padding-backtrack 0")
+    again = parse_generation(line)
+    assert (again.prompt, again.emphasis, again.comma_padding_backtrack) == ("a (cat:1.2)", "No norm", 0)
+    assert unsupported_fields(parsed) == []
