@@ -249,8 +249,8 @@ def _encoder_key(model: Any) -> str:
     widths = model.encoder_widths
     if SINGLE not in widths:
         raise ModelError(
-            f"prompt conditioning for the {model.label} family (two text encoders) is not implemented yet; "
-            "use an SD 1.x or SD 2.x model"
+            f"the {model.label} family has two text encoders: its prompts are encoded by "
+            "core.conditioning_sdxl (encode_prompts and core.plan_conditioning hand them over)"
         )
     return SINGLE
 

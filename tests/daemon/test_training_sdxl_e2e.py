@@ -79,6 +79,9 @@ async def _train_until_killed(proc: DaemonProcess, data: Path, min_step: int) ->
 
     async with proc.client() as client:
         await client.request("train", name="shapes", data=str(data), steps=10_000, save_every=5, seed=11)
+        picture = await client.request("generate", prompt="a red square", steps=2, seed=1)  # while it trains
+        assert Path(picture["images"][0]["path"]).is_file()
+        assert (await client.request("train_status"))["job"]["state"] in ("starting", "running")
         while True:
             job = (await client.request("train_status"))["job"]
             assert job["state"] in ("starting", "running"), job
