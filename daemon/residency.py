@@ -135,6 +135,41 @@ class ModelResidency:
         self.touch()
         self._set_state("ready", f"model {model.name} ready on {model.device} ({time.monotonic() - started:.1f} s)")
 
+    async def switch(self, spec: str, by: str = "a client") -> LoadedModel:
+        """Replace the resident model with ``spec`` (``!model``), validated as ``--model`` is (``load_model``).
+
+        The old model leaves the device first (two SD models rarely fit at once); if the new one cannot be
+        loaded, the old one is loaded again and the error (``ModelError``, naming what was given) is raised.
+        Every client sees ``model`` events: ``loading`` with who asked, then ``ready`` (or ``error``).
+        """
+        while self._transition is not None:
+            await asyncio.shield(self._transition)
+        settings = self.settings
+        old = settings.model
+        if self.model is not None:
+            self._set_state("unloading", f"switching to model {spec} (asked by {by}): unloading {old}")
+            model, self.model = self.model, None
+            device = model.device
+
+            def drop() -> None:
+                nonlocal model
+                model = None
+                free_device_memory(device)
+
+            await self.worker.run(drop, label="unload model")
+        settings.model = spec
+        try:
+            self._transition = asyncio.get_running_loop().create_task(self._load())
+            await asyncio.shield(self._transition)
+        except Exception:
+            settings.model = old
+            log.warning("model %s could not be loaded; loading %s again", spec, old)
+            with contextlib.suppress(Exception):
+                await self.get()
+            raise
+        assert self.model is not None
+        return self.model
+
     async def unload(self, reason: str = "idle") -> bool:
         """Drop the model from the device now (keep-alive); False when it is busy or not loaded."""
         if self.state != "ready" or self._in_use or not self.worker.idle or self._transition is not None:

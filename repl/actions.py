@@ -254,6 +254,22 @@ async def run_status(session: Session, _: None, started: Started) -> Outcome:
     return Outcome({"status": reply}, format_status(reply))
 
 
+async def run_model(session: Session, spec: str | None, started: Started) -> Outcome:
+    """``!model``: show the daemon's model, or switch it (a path is anchored to the session's folder)."""
+    if spec is None:
+        model = (await session.client.request("status")).get("model") or {}
+        return Outcome({"model": model}, f"model {render.model(model)}")
+    path = session.resolve(spec)
+    target = str(path) if ("/" in spec or spec.startswith(("~", ".")) or path.exists()) else spec
+    reply = await session.client.request("model", model=target)
+    settings = getattr(session.client, "settings", None)
+    if settings is not None:  # a later auto-start brings this model back, and no "serves another" notice
+        settings.model = target
+    emb = reply.get("embeddings") or {}
+    return Outcome(reply, f"model switched: {render.model(reply.get('model') or {})}; embeddings "
+                          f"{emb.get('loaded', '?')} loaded, {emb.get('skipped', '?')} skipped")
+
+
 async def run_quit(session: Session, _: None, started: Started) -> Outcome:
     return Outcome({}, "", quit=True)
 

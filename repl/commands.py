@@ -181,6 +181,14 @@ def parse_convert(args: str) -> dict[str, Any]:
     return {"name": name, "to": values["to"], "overwrite": bool(values.get("overwrite", False))}
 
 
+def parse_model(args: str) -> str | None:
+    """``!model`` (show) or ``!model NAME|PATH`` (switch); the daemon validates it as ``--model``."""
+    text = args.strip()
+    if not text:
+        return None
+    return _path_arg(text, "!model [NAME|PATH]")
+
+
 def parse_fetch(args: str) -> str:
     return _path_arg(args, "!fetch IMAGE.png")
 
@@ -286,6 +294,12 @@ COMMANDS: tuple[Command, ...] = (
     Command("status", "!status", "the daemon's state, as sdrepl status",
             "Daemon pid and version, model (family, device, dtype, native size), memory, embeddings loaded "
             "and skipped, the queue and the training job.", _no_args("status"), actions.run_status),
+    Command("model", "!model [NAME|PATH]", "show or switch the daemon's model",
+            "Without NAME: the model the daemon serves. With NAME or PATH (what --model takes: tiny, tiny-sd2, "
+            "a diffusers folder, a .safetensors/.ckpt file, a hub id): the daemon unloads its model and loads "
+            "that one, checked as --model is (on failure the old model comes back); every connected client is "
+            "told, and embeddings that do not fit the new model are skipped. Refused while a job trains.",
+            parse_model, actions.run_model),
     Command("quit", "!quit", "leave the REPL (the daemon keeps running)",
             "Ends the session (also !exit and Ctrl-D). The daemon and any training job keep running; "
             "`sdrepl stop` stops them.", _no_args("quit"), actions.run_quit, aliases=("exit",)),

@@ -184,6 +184,17 @@ def job(job: dict[str, Any] | None) -> str:
     return SEP.join(parts)
 
 
+def model(model: dict[str, Any]) -> str:
+    """``tiny (sd1, cpu fp32, native 64px)`` from a status ``model`` object."""
+    if not model:
+        return "not loaded"
+    native = model.get("native_size")
+    facts = [str(model.get("family") or "?"), " ".join(str(model[k]) for k in ("device", "dtype") if model.get(k))]
+    if native:
+        facts.append(f"native {native}px")
+    return f"{model.get('model', '?')} ({', '.join(f for f in facts if f)})"
+
+
 def trained(result: dict[str, Any]) -> str:
     emb = result.get("embedding") or {}
     loss = emb.get("final_loss")

@@ -161,8 +161,12 @@ class ReplState:
             setattr(self, kind, sorted(items, key=lambda n: str(n.get("name", "")).lower()))
         elif kind == "model":
             self.model_state = event.get("state") or self.model_state
+            before = (self.model or {}).get("model")
             if "model" in event:
                 self.model = event.get("model") or self.model
+            now = (self.model or {}).get("model")
+            if event.get("state") == "ready" and before and now and now != before:
+                lines = [f"the daemon's model is now {now} (was {before})"]
             if event.get("state") in ("error", "unloaded") and event.get("message"):
                 lines = [f"model {event['state']}: {visible(event['message'])}"]
         elif kind == "queue":

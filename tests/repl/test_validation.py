@@ -78,3 +78,22 @@ def test_help_lists_the_subcommands():
 def test_stop_without_a_daemon_is_success(tmp_path):
     out = _sdrepl("stop", "--socket", str(tmp_path / "none.sock"))
     assert out.returncode == 0 and "no daemon running" in out.stdout
+
+
+def test_model_switches_the_daemons_model_and_remembers_it(make_fake, tmp_path):
+    from types import SimpleNamespace
+
+    fake = make_fake({"model": lambda p: {"model": {"model": p["model"], "family": "sd2", "device": "cpu",
+                                                    "dtype": "fp32", "native_size": 64},
+                                          "embeddings": {"loaded": 0, "skipped": 3}}})
+    fake.settings = SimpleNamespace(model="tiny")
+    session = Session(fake, cwd=tmp_path)
+    result = execute(session, "!model tiny-sd2")
+    assert result.ok and fake.calls[-1] == ("model", {"model": "tiny-sd2"})
+    assert result.text == "model switched: tiny-sd2 (sd2, cpu fp32, native 64px); embeddings 0 loaded, 3 skipped"
+    assert fake.settings.model == "tiny-sd2"  # an auto-started daemon comes back with it
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    execute(session, "!model m.safetensors")
+    assert fake.calls[-1] == ("model", {"model": str(tmp_path / "m.safetensors")})  # paths: the user's folder
+    shown = execute(session, "!model")
+    assert shown.ok and shown.text.startswith("model tiny (sd1, cpu fp32")

@@ -1,0 +1,33 @@
+"""The ``model`` request (protocol v2): switch the daemon's model from a client (the REPL's ``!model``).
+
+One model per daemon stays the rule; this changes which. The new model is validated as ``--model`` is
+(``core.models.load_model``: a built-in name, a diffusers folder, a single-file checkpoint, a hub id), the
+library is re-checked against its text encoders (an SD 2.x model skips the SD 1.x embeddings, and back),
+and every client is told through ``model`` and ``embeddings`` events. Refused while a training job runs
+on the current model.
+"""
+
+from __future__ import annotations
+
+from sdrepl.daemon.context import DaemonContext
+from sdrepl.daemon.params import Params
+from sdrepl.daemon.protocol import Busy
+from sdrepl.daemon.registry import Request, handler
+
+
+@handler("model")
+async def switch_model(ctx: DaemonContext, params: dict, req: Request) -> dict:
+    p = Params(params, "model")
+    spec = p.text("model")
+    p.finish()
+    assert ctx.residency is not None
+    job = ctx.training
+    if job is not None and getattr(job, "active", False):
+        raise Busy(f"model: training {getattr(job, 'name', '?')} runs on the current model; stop it first "
+                   "(!train stop), then switch")
+    client = getattr(req.connection, "client", "?")
+    model = await ctx.residency.switch(spec, by=f"client {client}")
+    change = ctx.library.set_encoder_widths(model.encoder_widths, model.label)
+    ctx.apply_library_change(change)
+    return {"model": ctx.residency.description, "embeddings": {"loaded": len(ctx.library.embeddings()),
+                                                               "skipped": len(ctx.library.skipped())}}
