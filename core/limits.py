@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sdrepl.core.prompt import MAX_COMMA_WINDOW
+
 
 @dataclass(frozen=True)
 class Limit:
@@ -35,6 +37,7 @@ LIMITS: dict[str, Limit] = {
     "seed": Limit(0, MAX_SEED),
     "width": Limit(8, 8192, multiple=8),
     "height": Limit(8, 8192, multiple=8),
+    "comma_padding_backtrack": Limit(0, MAX_COMMA_WINDOW),
 }
 
 

@@ -22,7 +22,9 @@ from sdrepl.repl.session import SessionDefaults
 
 #: REPL spelling -> the daemon parameter it becomes (every numeric generation option).
 LINE_OPTIONS = {"--steps": "steps", "--cfg": "cfg", "--n": "n", "--clip-skip": "clip_skip", "--seed": "seed",
-                "--width": "width", "--height": "height"}
+                "--width": "width", "--height": "height", "--comma-padding-backtrack": "comma_padding_backtrack"}
+#: The job's field for a parameter whose name differs.
+JOB_FIELD = {"comma_padding_backtrack": "comma_window"}
 
 
 def probes(name: str) -> list[float]:
@@ -36,7 +38,7 @@ def number(value: float) -> str:
 
 
 def test_every_numeric_generation_option_is_in_the_table():
-    keys = {o.key for o in GENERATION_OPTIONS} - {"negative", "sampler", "size"}
+    keys = {o.key for o in GENERATION_OPTIONS} - {"negative", "sampler", "size", "emphasis"}
     assert keys == set(LINE_OPTIONS.values())
 
 
@@ -52,10 +54,10 @@ def test_a_generation_line_and_the_daemon_agree(spelling, name):
             continue
         params = generation_params(line, SessionDefaults())
         job, _ = parse_job(params)  # must not raise: the REPL let it through
-        assert getattr(job, name) == value or name == "seed"
+        assert getattr(job, JOB_FIELD.get(name, name)) == value or name == "seed"
 
 
-@pytest.mark.parametrize("name", ["steps", "cfg", "n", "clip_skip", "seed"])
+@pytest.mark.parametrize("name", ["steps", "cfg", "n", "clip_skip", "seed", "comma_padding_backtrack"])
 def test_set_and_the_daemon_agree(name):
     for value in probes(name):
         try:
