@@ -24,6 +24,7 @@ from sdrepl.core.devices import dtype_name, resolve_device, resolve_dtype
 from sdrepl.core.embedding import CLIP_G, CLIP_L, SINGLE
 from sdrepl.core.errors import ModelError
 from sdrepl.core.hashing import sha256_file
+from sdrepl.core.model_spec import looks_like_path, no_such_model
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +133,8 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", config: Pat
         elif path.is_file():
             pipe = _load_single_file(path, config, dt, prediction_type)
             source = "single-file"
-        elif path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin") or spec.startswith((".", "/", "~")):
-            raise ModelError(
-                f"--model {spec}: no such file or folder; expected tiny, tiny-sd2, tiny-sdxl, a diffusers model folder, "
-                "a .safetensors/.ckpt checkpoint, or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5"
-            )
+        elif looks_like_path(spec):
+            raise no_such_model(spec)
         elif _HUB_ID.match(spec):
             pipe = _load_hub(spec, dt)
             source = "hub"

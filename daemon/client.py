@@ -20,6 +20,7 @@ from typing import Any
 
 from sdrepl.core.errors import SdreplError
 from sdrepl.daemon import protocol
+from sdrepl.daemon.runtime_dir import check_peer, check_socket
 
 log = logging.getLogger(__name__)
 READ_CHUNK = 1 << 18
@@ -73,6 +74,7 @@ class DaemonClient:
                       client: str = "repl") -> DaemonClient:
         """Connect and say hello; :class:`DaemonUnavailable` if nothing answers within ``timeout``."""
         socket = Path(socket)
+        check_socket(socket)
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_unix_connection(str(socket), limit=protocol.MAX_LINE), timeout)
@@ -82,6 +84,11 @@ class DaemonClient:
             raise _no_daemon(socket, f"no connection within {timeout:g} s") from exc
         except OSError as exc:
             raise _no_daemon(socket, exc.strerror or str(exc)) from exc
+        try:
+            check_peer(writer.get_extra_info("socket"), socket)
+        except BaseException:
+            writer.close()
+            raise
         self = cls(socket, reader, writer)
         self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
         try:
@@ -209,6 +216,7 @@ def request_sync(socket: Path, type: str, timeout: float = 10.0, **params: Any) 
     reply. Usable from any thread, including one running an event loop.
     """
     socket = Path(socket)
+    check_socket(socket)
     deadline = time.monotonic() + timeout
     sock = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
     try:
@@ -219,6 +227,7 @@ def request_sync(socket: Path, type: str, timeout: float = 10.0, **params: Any) 
             raise _no_daemon(socket) from exc
         except OSError as exc:
             raise _no_daemon(socket, exc.strerror or str(exc)) from exc
+        check_peer(sock, socket)
         hello = protocol.request(0, "hello", protocol=protocol.PROTOCOL_VERSION, client=f"sync-{os.getpid()}",
                                  events=False)
         sock.sendall(protocol.encode(hello) + protocol.encode(protocol.request(1, type, **params)))

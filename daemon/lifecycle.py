@@ -19,9 +19,12 @@ from pathlib import Path
 
 from sdrepl.config import Settings
 from sdrepl.core.display import visible
+from sdrepl.core.errors import ModelError
+from sdrepl.core.model_spec import check_model_path
 from sdrepl.core.status_text import format_status
 from sdrepl.daemon.client import DaemonUnavailable, RemoteError, request_sync
 from sdrepl.daemon.runtime import LOG_FILE_ENV, SocketLock, run_daemon
+from sdrepl.daemon.runtime_dir import UnsafeRuntime, ensure_folder, open_private
 
 #: How long ``serve --detach`` waits for its daemon to become ready.
 START_TIMEOUT_S = 300.0
@@ -30,6 +33,11 @@ STOP_TIMEOUT_S = 120.0
 
 
 def serve_command(settings: Settings, detach: bool = False) -> int:
+    try:
+        check_model_path(settings.model)  # before torch is imported: a typo'd path is answered at once
+    except ModelError as exc:
+        print(f"sdrepl: {exc}", file=sys.stderr, flush=True)
+        return 2
     if not detach:
         return run_daemon(settings)
     code, message = start_detached(settings)
@@ -40,8 +48,13 @@ def serve_command(settings: Settings, detach: bool = False) -> int:
 def start_detached(settings: Settings, timeout: float = START_TIMEOUT_S) -> tuple[int, str]:
     """Start a daemon in the background and wait until it is ready: (exit status, a line for the user)."""
     log_file = settings.log_file
-    log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        ensure_folder(log_file.parent)
+        fd = open_private(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    except UnsafeRuntime as exc:
+        return 2, f"sdrepl: {exc}"
+    except OSError as exc:
+        return 2, f"sdrepl: cannot open the daemon's log {log_file}: {exc.strerror or exc}"
     offset = os.lseek(fd, 0, os.SEEK_END)
     env = dict(os.environ, **{LOG_FILE_ENV: str(log_file), "PYTHONUNBUFFERED": "1"})
     try:
@@ -71,10 +84,10 @@ def start_detached(settings: Settings, timeout: float = START_TIMEOUT_S) -> tupl
 def _daemon_error(log_file: Path, offset: int, code: int) -> str:
     """The daemon's own error line from its log (the last ``sdrepl:`` line it wrote), else its last line."""
     try:
-        with open(log_file, "rb") as fh:
+        with os.fdopen(open_private(log_file, os.O_RDONLY), "rb") as fh:
             fh.seek(offset)
             lines = [ln.strip() for ln in fh.read().decode(errors="replace").splitlines() if ln.strip()]
-    except OSError:
+    except (OSError, UnsafeRuntime):
         lines = []
     for line in reversed(lines):
         if line.startswith("sdrepl: "):

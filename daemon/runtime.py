@@ -14,6 +14,7 @@ everything, remove the socket and connection file. A second signal exits at once
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import inspect
 import json
@@ -32,6 +33,7 @@ from sdrepl.core.display import VisibleFormatter
 from sdrepl.core.errors import SdreplError
 from sdrepl.daemon import protocol
 from sdrepl.daemon.protocol import PROTOCOL_VERSION
+from sdrepl.daemon.runtime_dir import UnsafeRuntime, ensure_folder, open_private
 
 log = logging.getLogger("sdrepl.daemon")
 
@@ -50,8 +52,9 @@ class SocketLock:
         self._fd: int | None = None
 
     def acquire(self) -> bool:
+        """Take the lock (False when another daemon holds it); :class:`UnsafeRuntime` for a planted file."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = open_private(self.path, os.O_RDWR | os.O_CREAT)
         for attempt in range(5):  # a `holder()` probe holds a shared lock for an instant: try again
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -69,8 +72,8 @@ class SocketLock:
     def holder(self) -> int | None:
         """The pid of the daemon holding the lock (starting or running), or None when nobody holds it."""
         try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError:
+            fd = open_private(self.path, os.O_RDONLY)
+        except (OSError, UnsafeRuntime):
             return None
         try:
             try:
@@ -100,6 +103,11 @@ def configure_logging() -> None:
     logging.captureWarnings(True)
     for name in ("diffusers", "transformers", "urllib3", "huggingface_hub", "py.warnings"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def quiet_model_libraries() -> None:
+    """diffusers' and transformers' own verbosity and progress bars off (imports them: call before a load,
+    not at start-up, so that refusals come before seconds of imports)."""
     try:
         import diffusers.utils.logging as dlog
         import transformers.utils.logging as tlog
@@ -123,7 +131,9 @@ def write_connection_file(settings: Settings) -> None:
             "version": __version__, "started": time.time(), "model": settings.model}
     path = settings.connection_file
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # a leftover (or a planted symlink: unlink removes the link, not its target)
+    fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     with os.fdopen(fd, "w") as fh:
         json.dump(data, fh)
         fh.write("\n")
@@ -159,7 +169,15 @@ def run_daemon(settings: Settings) -> int:
         return _fail(unsafe, 2)
     configure_logging()
     lock = SocketLock(settings.socket)
-    if not lock.acquire():
+    try:
+        ensure_folder(settings.socket.parent)
+        acquired = lock.acquire()
+    except UnsafeRuntime as exc:
+        return _fail(str(exc), 2)
+    except OSError as exc:
+        return _fail(f"cannot create the socket folder {settings.socket.parent}: {exc.strerror or exc}; give "
+                     "--socket a path in a folder you can write to", 2)
+    if not acquired:
         holder = lock.holder()
         return _fail(f"a daemon is already running on {settings.socket} (pid {holder}); `sdrepl stop` stops it, "
                      "or give another --socket", 1)
@@ -190,6 +208,7 @@ def run_daemon(settings: Settings) -> int:
 
 
 def _load_initial_model(settings: Settings) -> Any:
+    quiet_model_libraries()
     from sdrepl.core.models import load_model
 
     notice = threading.Timer(1.0, lambda: log.info("loading model %s on %s ...", settings.model, settings.device))
