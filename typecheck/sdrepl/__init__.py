@@ -1,0 +1,1 @@
+../../sdrepl/__init__.py

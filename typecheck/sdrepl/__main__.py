@@ -1,0 +1,1 @@
+../../sdrepl/__main__.py

@@ -1,0 +1,1 @@
+../../sdrepl/cli.py
