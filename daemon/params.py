@@ -63,8 +63,11 @@ class Params:
         at = protocol.lone_surrogate(value)
         if at is not None and not (file_name and all(0xDC80 <= ord(ch) <= 0xDCFF for ch in value
                                                      if 0xD800 <= ord(ch) <= 0xDFFF)):
+            hint = ("; it stands for a byte of a file name that is not UTF-8: such a name can be listed, shown "
+                    "and converted, not used here (rename the file to UTF-8)" if 0xDC80 <= ord(value[at]) <= 0xDCFF
+                    else "")
             raise BadRequest(f"{self._type}: parameter {name!r} holds a lone surrogate ({value[at]!a} at "
-                             f"character {at}), which is not Unicode text; send UTF-8 text")
+                             f"character {at}), which is not Unicode text; send UTF-8 text{hint}")
         if choices is not None and value not in choices:
             raise self._fail(name, value, "one of " + ", ".join(choices))
         return value

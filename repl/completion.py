@@ -137,6 +137,15 @@ def rank(fragment: str, candidates: Iterable[str]) -> list[str]:
     return [item[-1] for item in sorted(scored)]
 
 
+def _non_utf8(name: str) -> bool:
+    """A name holding a non-UTF-8 file-name byte (``\\udcXX``): listable, but no prompt can carry it."""
+    try:
+        name.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
 def _subsequence(needle: str, haystack: str) -> bool:
     it = iter(haystack)
     return all(ch in it for ch in needle)
@@ -166,7 +175,8 @@ class EmbeddingCompleter(Completer):
         fragment = match.group(1)
         by_name = {}
         for emb in self.get_embeddings():
-            by_name.setdefault(emb["name"], emb)
+            if not _non_utf8(str(emb["name"])):  # a prompt must be UTF-8 text
+                by_name.setdefault(emb["name"], emb)
         closing = 1 if document.text_after_cursor.startswith(">") else 0
         for name in rank(fragment, by_name):
             yield Completion(f"<{name}>"[: len(name) + 2 - closing], start_position=-len(fragment) - 1,
