@@ -23,11 +23,13 @@ import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sdrepl.core.bare_names import BareNames
-from sdrepl.core.embedding import Embedding
 from sdrepl.core.errors import PromptError
+
+if TYPE_CHECKING:  # annotations only: the CLI parses --emphasis with this module before torch is imported
+    from sdrepl.core.embedding import Embedding
 
 
 class EmbeddingLookup(Protocol):
