@@ -22,9 +22,11 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
-from sdrepl.core.errors import TrainingError
+from sdrepl.core.atomic import write_error_text
+from sdrepl.core.errors import EmbeddingError, TrainingError
 from sdrepl.core.networks.use import activate as activate_networks
 from sdrepl.core.training.trainer import Trainer
 from sdrepl.daemon.context import DaemonContext
@@ -104,6 +106,9 @@ class TrainingJob:
             if self._pause:
                 self._set_state("paused")
                 return False
+            if self.trainer.plan.publish_only:  # the run had ended without its final file: write it only
+                self._end("done")
+                return False
             try:
                 # Generations between steps may have left LoRAs on the model: training sees the plain model.
                 activate_networks(self.trainer.pipe, None)
@@ -116,6 +121,9 @@ class TrainingJob:
                 self.trainer.step()
             except TrainingError as exc:
                 self._fail(str(exc))
+                return False
+            except (OSError, EmbeddingError) as exc:  # a full or read-only log folder: a user's condition
+                self._fail(self._write_failure(exc))
                 return False
             except Exception as exc:  # a bug or a device failure: fail the job, keep the daemon
                 log.exception("training %s failed", self.name)
@@ -135,7 +143,11 @@ class TrainingJob:
         """Finish (done/stopped): checkpoint, final file, library; a failure to write fails the job."""
         try:
             path = self.trainer.finish()
-        except Exception as exc:  # EmbeddingError (disk full, a file appeared meanwhile), TrainingError
+        except (OSError, EmbeddingError) as exc:  # disk full, read-only, a file appeared meanwhile
+            log.warning("training %s: saving the result failed: %s", self.name, exc)
+            self._fail(f"could not save the result: {self._write_failure(exc)}")
+            return
+        except Exception as exc:  # TrainingError
             log.warning("training %s: saving the result failed: %s", self.name, exc)
             self._fail(f"could not save the result: {exc}")
             return
@@ -147,6 +159,18 @@ class TrainingJob:
             log.exception("training %s: the library did not take %s", self.name, path)
         self._close()
         self._set_state(state)
+
+    def _write_failure(self, exc: OSError | EmbeddingError) -> str:
+        """A failed write as the user should read it: what and where, and that the run can be resumed."""
+        t = self.trainer
+        if isinstance(exc, OSError):
+            where = Path(exc.filename) if exc.filename else t.plan.log_dir / "checkpoint.pt"
+            reason = f"{where.name}: {write_error_text(exc, where)}"
+        else:
+            reason = str(exc)
+        last = (f"the last checkpoint (step {t.checkpoint_step}) is intact in {t.plan.log_dir}"
+                if t.checkpoint_step is not None else "no checkpoint was saved yet")
+        return f"{reason}; training stopped at step {t.step_count}: {last}; `!train {self.name} --resume` continues"
 
     def _fail(self, message: str) -> None:
         self.error = message

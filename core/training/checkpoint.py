@@ -9,12 +9,13 @@ crash while saving leaves the previous checkpoint whole; that is what makes SIGK
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sdrepl.core.atomic import TEMP_MARK, atomic_writer, is_temp_name
+from sdrepl.core.atomic import TEMP_MARK, atomic_write_bytes, is_temp_name
 from sdrepl.core.errors import TrainingError
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -30,8 +31,11 @@ def save_checkpoint(log_dir: Path, state: dict[str, Any]) -> Path:
     """Write ``state`` (plus the layout version) atomically to ``<log_dir>/checkpoint.pt``."""
     path = checkpoint_path(log_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_writer(path, overwrite=True) as tmp:
-        torch.save({"version": CHECKPOINT_VERSION, **state}, tmp)
+    # Serialised in memory first (a checkpoint is small): torch's file writer reports a full disk as
+    # "RuntimeError: [enforce fail at inline_container.cc]", a plain write as OSError(ENOSPC) naming it.
+    buffer = io.BytesIO()
+    torch.save({"version": CHECKPOINT_VERSION, **state}, buffer)
+    atomic_write_bytes(path, buffer.getvalue(), overwrite=True)
     return path
 
 

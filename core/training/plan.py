@@ -6,6 +6,12 @@ further), or from ``--init`` text (a new embedding, as ``!create``). Its final f
 needs ``--overwrite``, with two exceptions that are the same run continuing: ``--resume`` replacing the
 output its own checkpoint recorded, and an untrained (step 0) file that ``!create`` made for this purpose
 (create, then train: A1111's workflow). All of this is checked here, so a refused run changes nothing.
+
+A run is only finished when its final file is in the embeddings folder: the last checkpoint is saved
+first, so a failed final write (disk full) or a kill in between leaves a checkpoint at the last step and
+no file. ``--resume`` then completes the publication from that checkpoint without training a step
+(:attr:`RunPlan.publish_only`); only a run whose final file holds the checkpoint's vectors is "already
+at step N".
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import torch
 
 from sdrepl.core.create import create_embedding_vectors
 from sdrepl.core.embedding import Embedding
-from sdrepl.core.errors import TrainingError
+from sdrepl.core.errors import EmbeddingError, TrainingError
+from sdrepl.core.formats import read_embedding
 from sdrepl.core.training.checkpoint import find_checkpoint, load_checkpoint
 from sdrepl.core.training.options import TrainOptions
 from sdrepl.core.training.vectors import join_vectors
@@ -40,10 +47,26 @@ class RunPlan:
     checkpoint: dict[str, Any] | None = None
     #: Things the user should know (shown in the job's log / reply).
     notes: list[str] = field(default_factory=list)
+    #: A resumed run that had reached its end without its final file: write it, train nothing.
+    publish_only: bool = False
 
     @property
     def start_step(self) -> int:
         return int(self.checkpoint["step"]) if self.checkpoint else 0
+
+
+def is_published(checkpoint: dict[str, Any], widths: dict[str, int]) -> bool:
+    """Whether the final file a checkpoint's run writes holds that checkpoint's vectors (the run's last
+    step reached its embeddings folder). A missing, unreadable or different file means it did not."""
+    output = checkpoint.get("output")
+    if not output or not Path(output).is_file():
+        return False
+    try:
+        data = read_embedding(Path(output))
+        vectors = join_vectors(data.vectors, widths)
+    except (EmbeddingError, ValueError):
+        return False
+    return data.step == int(checkpoint["step"]) and torch.equal(vectors, checkpoint["vectors"].to(torch.float32))
 
 
 def plan_run(model: Any, options: TrainOptions, *, embeddings_dir: Path, cwd: Path,
@@ -53,6 +76,7 @@ def plan_run(model: Any, options: TrainOptions, *, embeddings_dir: Path, cwd: Pa
     width = sum(widths.values())  # SDXL: clip_l and clip_g side by side (see core.training.vectors)
     checkpoint = None
     notes: list[str] = []
+    publish_only = False
     if options.resume:
         explicit_log = options.resolved_log_dir(cwd) if options.log_dir is not None else None
         found = find_checkpoint(options.name, cwd, explicit_log)
@@ -68,8 +92,14 @@ def plan_run(model: Any, options: TrainOptions, *, embeddings_dir: Path, cwd: Pa
         log_dir = found.parent
         step = int(checkpoint["step"])
         if options.steps <= step:
-            raise TrainingError(f"--resume: {options.name} is already at step {step}; give --steps above {step} "
-                                "to train further")
+            if is_published(checkpoint, widths):
+                raise TrainingError(f"--resume: {options.name} is already at step {step}; give --steps above {step} "
+                                    "to train further")
+            # The run reached its end but its final file never appeared (the write failed, or the daemon
+            # was killed between the last checkpoint and the final write): publish it, train nothing.
+            publish_only = True
+            notes.append(f"the run had finished at step {step} but its final file was not written: writing it "
+                         "now from the last checkpoint (no further training)")
     else:
         log_dir = options.resolved_log_dir(cwd)
     suffix = ".pt" if options.format == "pt" else ".safetensors"
@@ -107,4 +137,5 @@ def plan_run(model: Any, options: TrainOptions, *, embeddings_dir: Path, cwd: Pa
         raise TrainingError(f"!train {options.name}: the starting vectors are {list(vectors.shape)}, but this model's "
                             f"text encoders are {width} wide ({' + '.join(map(str, widths.values()))}); train a new "
                             "name for this model")
-    return RunPlan(options, log_dir, target, bool(taken) or own_output, vectors, init_text, seed, checkpoint, notes)
+    return RunPlan(options, log_dir, target, bool(taken) or own_output, vectors, init_text, seed, checkpoint, notes,
+                   publish_only)
