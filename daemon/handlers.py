@@ -86,6 +86,8 @@ def status_result(ctx: DaemonContext) -> dict[str, Any]:
         "memory": memory_info(model.device if model is not None else None),
         "embeddings": {"loaded": ctx.library.counts()[0], "skipped": ctx.library.counts()[1],
                        "folders": [str(f) for f in ctx.library.folders]},
+        "loras": ({"loaded": len(ctx.loras.networks()), "skipped": len(ctx.loras.skipped()),
+                   "folders": [str(f) for f in ctx.loras.folders]} if ctx.loras is not None else None),
         "queue": {"pending": ctx.worker.pending, "running": ctx.worker.running},
         "training": training_summary(ctx),
         "clients": ctx.clients,

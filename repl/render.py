@@ -215,6 +215,10 @@ def change(result: dict[str, Any]) -> str:
         lines.append(f"skipped {_file_name(item.get('path'))}: {visible(item.get('reason', 'no reason given'))}")
     lines += [f"no longer skipped: {_file_name(p)}" for p in moved.get("unskipped") or []]
     lines += [f"warning: {visible(w)}" for w in moved.get("warnings") or []]
+    for kind in ("loras", "hypernetworks"):  # the LoRA and hypernetwork folders are rescanned too
+        other = change({"change": result.get(kind)}) if result.get(kind) else ""
+        if other and other != "rescanned: no changes":
+            lines += [f"{kind}: {line}" for line in other.splitlines()]
     return "\n".join(lines) or "rescanned: no changes"
 
 

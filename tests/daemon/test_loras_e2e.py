@@ -120,6 +120,12 @@ def test_live_reload_and_broken_file(daemon):
             shutil.copy(daemon.root / "three.safetensors", daemon.root / "loras" / "three.safetensors")
             await events.wait_for(lambda e: e["event"] == "loras" and "three" in e["change"]["added"])
             await c.request("tokens", prompt="<lora:three:1>")
+            before = next(x["hash"] for x in (await c.request("loras"))["loras"] if x["name"] == "three")
+            mark = events.mark()
+            shutil.copy(daemon.root / "loras" / "one.safetensors", daemon.root / "loras" / "three.safetensors")
+            await events.wait_for(lambda e: e["event"] == "loras" and "three" in e["change"]["updated"], start=mark)
+            after = next(x["hash"] for x in (await c.request("loras"))["loras"] if x["name"] == "three")
+            assert after != before
             mark = events.mark()
             (daemon.root / "loras" / "three.safetensors").unlink()
             await events.wait_for(lambda e: e["event"] == "loras" and "three" in e["change"]["removed"], start=mark)
