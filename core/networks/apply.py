@@ -130,10 +130,6 @@ class Patcher:
     def hooked_modules(self) -> int:
         return len(self._hooked)
 
-    @property
-    def device_bytes(self) -> int:
-        return sum(t.nbytes for _, _, _, att in self._active.values() for _, _, t in att)
-
 
 _PATCHERS: weakref.WeakKeyDictionary[Any, Patcher] = weakref.WeakKeyDictionary()
 _PATCHERS_LOCK = threading.Lock()
