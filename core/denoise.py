@@ -21,6 +21,7 @@ The pipeline object is used for its components only (:class:`Components`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,10 +81,14 @@ class Components:
     vae: Any
     image_processor: Any
     vae_scale_factor: int
+    #: ``core.speed.Speed`` when the fast path was set up (``--compile`` warm-ups are recorded there).
+    speed: Any = None
 
     @classmethod
     def of(cls, pipe: Any) -> Components:
-        return cls(pipe.unet, pipe.vae, pipe.image_processor, int(pipe.vae_scale_factor))
+        from sdrepl.core.speed import speed_of
+
+        return cls(pipe.unet, pipe.vae, pipe.image_processor, int(pipe.vae_scale_factor), speed_of(pipe))
 
 
 def _batched(conds: Sequence[Cond], batch: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
@@ -205,9 +210,8 @@ def denoise(
     """Run the sampler and return ``len(seeds)`` pictures (PIL, or numpy with ``output="np"``), or the
     final latents with ``output="latent"``.
 
-    ``scheduler`` is a fresh scheduler (``core.samplers.make_scheduler``); it is set up here. With
-    ``unet_batch`` is the pictures per UNet call (:func:`default_unet_batch`). With
-    ``init_latents`` (clean latents, ``[1 or B, C, h, w]``) the run starts at sampler step ``start_step``
+    ``scheduler`` is a fresh scheduler (``core.samplers.make_scheduler``); it is set up here.
+    ``unet_batch`` is the pictures per UNet call (:func:`default_unet_batch`). With ``init_latents`` (clean latents, ``[1 or B, C, h, w]``) the run starts at sampler step ``start_step``
     from those latents noised to that step (img2img); ``on_step(done, total)`` counts sampler steps
     (``total`` = ``steps``), so an img2img run's first report is ``start_step + 1``.
     """
@@ -245,19 +249,21 @@ def denoise(
     # The step count diffusers' progress bar shows: one per ``order`` UNet calls, after a warm-up.
     warmup = len(timesteps) - (steps - start_step) * order
     done = start_step
-    with noise.feeding(scheduler):
-        for i, t in enumerate(timesteps):
-            step = conditioning(min(done, steps - 1))
-            conds = [c for c, _ in step.positives]
-            if use_cfg or not step.plain:
-                conds = [step.negative, *conds] if use_cfg else conds
-            preds = _predict(unet, latents, t, conds, scheduler, kwargs, per_call)
-            noise_pred = guided(step, preds, cfg, use_cfg)
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-            if i == len(timesteps) - 1 or ((i + 1) > warmup and (i + 1) % order == 0):
-                done += 1
-                if on_step is not None:
-                    on_step(done, steps)
-    if output == "latent":
-        return latents
-    return decode(components, latents, output)
+    speed = components.speed
+    first_use = speed.first_use(batch, height, width, device) if speed is not None else contextlib.nullcontext()
+    with first_use:  # --compile: the first run at a shape compiles; its time is reported in status
+        with noise.feeding(scheduler):
+            for i, t in enumerate(timesteps):
+                step = conditioning(min(done, steps - 1))
+                conds = [c for c, _ in step.positives]
+                if use_cfg or not step.plain:
+                    conds = [step.negative, *conds] if use_cfg else conds
+                preds = _predict(unet, latents, t, conds, scheduler, kwargs, per_call)
+                noise_pred = guided(step, preds, cfg, use_cfg)
+                latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                if i == len(timesteps) - 1 or ((i + 1) > warmup and (i + 1) % order == 0):
+                    done += 1
+                    if on_step is not None:
+                        on_step(done, steps)
+        result = latents if output == "latent" else decode(components, latents, output)
+    return result

@@ -98,7 +98,13 @@ class LoadedModel:
             "native_size": self.native_size,
             "encoders": self.encoder_widths,
             "prediction_type": self.prediction_type,
+            "speed": self.speed_description(),
         }
+
+    def speed_description(self) -> dict[str, Any] | None:
+        """``core.speed.Speed.describe()``: the fast path's switches, compile counts and warm-ups (live)."""
+        speed = getattr(self.pipe, "sdrepl_speed", None)
+        return speed.describe() if speed is not None else None
 
 
 def family_of(pipe: Any) -> str:
@@ -109,14 +115,15 @@ def family_of(pipe: Any) -> str:
 
 
 def load_model(spec: str, device: str = "auto", dtype: str = "auto", config: Path | None = None,
-               prediction_type: str | None = None) -> LoadedModel:
+               prediction_type: str | None = None, compile: bool = False) -> LoadedModel:
     """Load ``spec`` (see module docstring) onto the chosen device; raise ModelError/DeviceError on failure.
 
     ``config`` is a diffusers config folder describing a single-file checkpoint of an architecture sdrepl
     does not recognise by itself (see :mod:`sdrepl.core.checkpoints`); it is ignored for other kinds.
     ``prediction_type`` (``epsilon`` / ``v_prediction``, ``--prediction-type``) overrides what the model's
     scheduler predicts; without it a single-file SD 2.x checkpoint's is guessed (see ``core.checkpoints``)
-    and other models keep their own config's.
+    and other models keep their own config's. The fast path (``core.speed``: channels_last and TF32 on
+    CUDA, ``compile`` = ``--compile``) is set up last.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -165,6 +172,9 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", config: Pat
         if module.dtype != dt:  # a component the loader left in its stored dtype
             torch.nn.Module.to(module, dtype=dt)
         module.requires_grad_(False)
+    from sdrepl.core.speed import apply_speed
+
+    apply_speed(model.pipe, dev, compile=compile)
     return model
 
 

@@ -72,6 +72,16 @@ def training_summary(ctx: DaemonContext) -> dict[str, Any] | None:
     return {"state": "unknown"}
 
 
+def _live_description(residency: Any) -> dict[str, Any] | None:
+    """The model's description with its ``speed`` as of now (``--compile`` warm-ups happen after load)."""
+    if residency is None:
+        return None
+    model = residency.model
+    if model is None or not residency.description:
+        return residency.description
+    return {**residency.description, "speed": model.speed_description()}
+
+
 def status_result(ctx: DaemonContext) -> dict[str, Any]:
     residency = ctx.residency
     model = residency.model if residency is not None else None
@@ -82,7 +92,7 @@ def status_result(ctx: DaemonContext) -> dict[str, Any]:
         "socket": str(ctx.settings.socket),
         "uptime_s": round(time.time() - ctx.started, 3),
         "state": ctx.model_state,
-        "model": residency.description if residency is not None else None,
+        "model": _live_description(residency),
         "memory": memory_info(model.device if model is not None else None),
         "embeddings": {"loaded": ctx.library.counts()[0], "skipped": ctx.library.counts()[1],
                        "folders": [str(f) for f in ctx.library.folders]},

@@ -117,7 +117,7 @@ class ModelResidency:
         try:
             model = await self.worker.run(
                 lambda: load_model(settings.model, settings.device, settings.dtype,
-                                   prediction_type=settings.prediction_type), label="load model")
+                                   prediction_type=settings.prediction_type, compile=settings.compile), label="load model")
         except SdreplError as exc:
             self.error = str(exc)
             self._set_state("error", str(exc))

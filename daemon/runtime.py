@@ -217,7 +217,7 @@ def _load_initial_model(settings: Settings) -> Any:
     started = time.monotonic()
     try:
         model = load_model(settings.model, settings.device, settings.dtype,
-                           prediction_type=settings.prediction_type)
+                           prediction_type=settings.prediction_type, compile=settings.compile)
     except SdreplError as exc:
         return _fail(str(exc), 2)
     except Exception as exc:

@@ -59,6 +59,8 @@ class Settings:
     #: The prompt settings a request gets when it names none (A1111's ``emphasis``, ``comma_padding_backtrack``).
     emphasis: str = "Original"
     comma_padding_backtrack: int = 20
+    #: ``--compile``: torch.compile the UNet and the VAE decoder (``core.speed``).
+    compile: bool = False
 
     @property
     def connection_file(self) -> Path:
@@ -85,6 +87,7 @@ class Settings:
             prediction_type=self.prediction_type,
             emphasis=self.emphasis,
             comma_padding_backtrack=self.comma_padding_backtrack,
+            compile=self.compile,
         )
 
     def daemon_args(self) -> list[str]:
@@ -101,6 +104,8 @@ class Settings:
             args += ["--hypernetworks", str(folder)]
         if self.prediction_type:
             args += ["--prediction-type", self.prediction_type]
+        if self.compile:
+            args.append("--compile")
         return args
 
 
@@ -128,6 +133,8 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
                         help="how long the model stays loaded after the last request (30s, 5m, forever)")
     parser.add_argument("--emphasis", default=env("SDREPL_EMPHASIS", "Original"),
                         help="A1111's emphasis mode for (text:1.2): Original, 'No norm', Ignore or None")
+    parser.add_argument("--compile", action="store_true", default=env("SDREPL_COMPILE", "") not in ("", "0"),
+                        help="torch.compile the UNet and VAE decoder (each picture size compiles once, on first use)")
     parser.add_argument("--comma-padding-backtrack", default=env("SDREPL_COMMA_PADDING_BACKTRACK", "20"),
                         help="A1111's comma backtrack window in tokens, 0 to 74 (0 turns it off; default 20)")
 
@@ -155,6 +162,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         prediction_type=parse_prediction_type(getattr(ns, "prediction_type", None)),
         emphasis=_emphasis(ns.emphasis),
         comma_padding_backtrack=_comma_window(ns.comma_padding_backtrack),
+        compile=bool(getattr(ns, "compile", False)),
     ).resolved()
 
 
