@@ -22,6 +22,7 @@ from sdrepl.daemon.worker import DeviceWorker
 if TYPE_CHECKING:
     from sdrepl.core.library import EmbeddingLibrary
     from sdrepl.daemon.residency import ModelResidency
+    from sdrepl.daemon.training_job import TrainingJob
 
 
 #: Most entries an ``embeddings`` event carries; a bigger change (a folder copied in) tells clients to fetch.
@@ -37,7 +38,7 @@ class DaemonContext:
     worker: DeviceWorker
     loop: asyncio.AbstractEventLoop
     #: The running training job (set by the training handlers); its ``shutdown()`` runs on daemon stop.
-    training: object | None = None
+    training: TrainingJob | None = None
     residency: ModelResidency | None = None
     #: The LoRA and hypernetwork libraries (``core.networks.NetworkLibrary``; set by ``daemon.networks``).
     loras: Any = None

@@ -56,20 +56,8 @@ def _round(value: float | None) -> float | None:
 
 
 def training_summary(ctx: DaemonContext) -> dict[str, Any] | None:
-    """The ``<job>`` object of the training job in ``ctx.training`` (its ``describe()``), or None."""
-    job = ctx.training
-    if job is None:
-        return None
-    if isinstance(job, dict):
-        return job
-    for name in ("describe", "as_dict", "to_dict", "snapshot"):
-        method = getattr(job, name, None)
-        if callable(method):
-            try:
-                return method()
-            except Exception:
-                return {"state": "unknown", "error": f"{type(job).__name__}.{name}() failed"}
-    return {"state": "unknown"}
+    """The ``<job>`` object of the training job in ``ctx.training``, or None."""
+    return None if ctx.training is None else ctx.training.describe()
 
 
 def _live_description(residency: Any) -> dict[str, Any] | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import inspect
 import json
 import logging
 import os
@@ -301,17 +300,10 @@ async def _shutdown(ctx: Any, server: Any, watcher: Any) -> None:
     server.stop_accepting()
     ctx.worker.close()  # queued work replies Cancelled now; only what is running may finish
     server.broadcast(protocol.event("shutdown", reason=server.shutdown_reason))
-    job = ctx.training
-    hook = getattr(job, "shutdown", None) if job is not None else None
-    if callable(hook):
+    if ctx.training is not None:
         log.info("asking the training job to checkpoint before stopping")
         try:
-            if inspect.iscoroutinefunction(hook):
-                await hook()
-            else:
-                outcome = await asyncio.to_thread(hook)
-                if inspect.isawaitable(outcome):
-                    await outcome
+            await asyncio.to_thread(ctx.training.shutdown)
         except Exception:
             log.exception("the training job's shutdown failed")
     await ctx.residency.stop()

@@ -47,7 +47,7 @@ def daemon(fixtures_dir):
     try:
         proc.start(cwd=tmp)
         yield SimpleNamespace(embeddings=proc.embeddings, env=proc.env, args=proc.settings.daemon_args(), tmp=tmp,
-                              fixtures=fixtures_dir)
+                              fixtures=fixtures_dir, log_path=proc.log_path)
     finally:
         proc.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -110,3 +110,18 @@ def test_interactive_repl_never_passes_the_escape_sequence_to_the_terminal(daemo
     assert b"\x1b]2;" not in screen and b"PWNED\x07" not in screen  # the title is never set
     assert b"bad\\xffname" in screen and b"\xff" not in screen
     assert re.search(rb"[\r\n](?:\x1b\[[0-9;?]*[A-Za-z])*embeddings new: <evil>", screen) is None
+
+
+def test_the_daemon_log_shows_a_dropped_file_name_escaped(daemon) -> None:
+    name = "y\x1b]2;LOGGED\x07\nfake log line.pt"
+    shutil.copy(daemon.fixtures / "a1111" / "bad-artist.pt", daemon.embeddings / name)
+    try:
+        deadline = time.monotonic() + 30
+        while b"LOGGED" not in daemon.log_path.read_bytes():
+            assert time.monotonic() < deadline, "the daemon never logged the new file"
+            time.sleep(0.1)
+        log = daemon.log_path.read_bytes()
+        assert b"\x1b]2;LOGGED" not in log and b"\nfake log line" not in log
+        assert b"y\\x1b]2;LOGGED\\x07\\nfake log line" in log
+    finally:
+        (daemon.embeddings / name).unlink()
