@@ -64,3 +64,8 @@ class NetworkError(SdreplError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+class WriteError(SdreplError):
+    """A file could not be written for a reason of the user's machine (no space left, a read-only disk, no
+    permission); the message names the folder and says what to do."""

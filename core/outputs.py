@@ -12,7 +12,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from sdrepl.core.atomic import atomic_writer
+from sdrepl.core.atomic import atomic_writer, write_error_text
+from sdrepl.core.errors import WriteError
 
 _COUNTER = re.compile(r"^(\d+)-")
 
@@ -37,7 +38,10 @@ class OutputFolder:
     def save(self, write: Callable[[Path], None], seed: int) -> Path:
         """Write a new picture through ``write(temp_path)``; never overwrites (a taken name is skipped)."""
         folder = self.root / datetime.date.today().isoformat()
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WriteError(f"cannot make the outputs folder {folder}: {write_error_text(exc, folder / 'x')}") from exc
         for _ in range(1000):
             with self._lock:
                 number = self._next.get(folder) or self._scan(folder)
@@ -50,7 +54,9 @@ class OutputFolder:
             except FileExistsError:  # another writer (a second daemon) took it: rescan
                 with self._lock:
                     self._next[folder] = self._scan(folder)
-        raise OSError(f"cannot find a free picture name in {folder}")
+            except OSError as exc:  # disk full, read-only, permission: the user's to fix, not a bug
+                raise WriteError(f"cannot save {path.name}: {write_error_text(exc, path)}") from exc
+        raise WriteError(f"cannot find a free picture name in {folder} (1,000 names taken meanwhile)")
 
 
 _OUTPUTS: dict[Path, OutputFolder] = {}

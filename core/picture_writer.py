@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from sdrepl.core.errors import WriteError
 from sdrepl.core.outputs import OutputFolder
 from sdrepl.core.pnginfo import png_text_chunks
 
@@ -45,7 +46,20 @@ class PendingWrites:
         self._futures.append((seed, _executor().submit(_write, outputs, image, parameters, seed)))
 
     def wait(self) -> list[dict[str, Any]]:
-        """``[{"path", "seed"}]`` once every file is written (fsync'd, renamed into place); the first write
-        error is raised after all writes finished, so no write is left running."""
+        """``[{"path", "seed"}]`` once every file is written (fsync'd, renamed into place). A write error is
+        raised after all writes finished (none is left running); a :class:`WriteError` (disk full) then
+        lists every picture that was written and the seeds that were not."""
         concurrent.futures.wait([f for _, f in self._futures])
-        return [{"path": str(f.result()), "seed": seed} for seed, f in self._futures]
+        written = [{"path": str(f.result()), "seed": seed} for seed, f in self._futures if f.exception() is None]
+        failed = [(seed, f.exception()) for seed, f in self._futures if f.exception() is not None]
+        if not failed:
+            return written
+        seed, exc = failed[0]
+        if not isinstance(exc, WriteError):
+            raise exc
+        # Every picture that did reach the disk is named, so none is left there unreported.
+        total = len(self._futures)
+        saved = f": {', '.join(item['path'] for item in written)}" if written else ""
+        missing = ", ".join(str(s) for s, _ in failed)
+        raise WriteError(f"{exc}; {len(written)} of {total} picture(s) written{saved}; not written: seed(s) "
+                         f"{missing}") from exc
