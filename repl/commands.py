@@ -220,7 +220,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("embeddings", "!embeddings", "loaded embeddings and skipped files",
             "Lists the loaded embeddings (trigger, vectors, width, format, file, step, short hash), then every "
             "file in the embeddings folders that was not loaded, with the reason (wrong width for this model, "
-            "broken file, ...), then warnings such as name collisions.",
+            "broken file, ...), then warnings such as name collisions. On an SDXL model, SDXL pairs (clip_l + "
+            "clip_g) load and SD 1.x embeddings are skipped, as A1111 does (ComfyUI would apply them to CLIP-L "
+            "only); the reason says so.",
             _no_args("embeddings"), actions.run_embeddings),
     Command("show", "!show NAME | lora:NAME", "one embedding (or LoRA) in detail",
             "Everything known about one embedding: file, format, vectors, width, training step, init text, "

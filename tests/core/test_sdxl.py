@@ -252,3 +252,17 @@ def test_sdrepl_s_loop_gives_the_sdxl_pipeline_s_picture(xl):
                      num_inference_steps=2, guidance_scale=7.0, width=64, height=64,
                      generator=torch.Generator("cpu").manual_seed(3), output_type="pil").images[0]
     assert np.array_equal(ours, np.asarray(theirs))
+
+
+def test_clip_skip_on_sdxl_matches_diffusers(xl):
+    """Clip skip 1 and 2 are SDXL's native penultimate layer; 3 is diffusers' ``clip_skip=1`` (one more)."""
+    from sdrepl.core.prompt import PromptOptions
+
+    prompt = "a photo of a cat"
+    native = encode_prompts(xl, prompt, "", StaticLookup())
+    two = encode_prompts(xl, prompt, "", StaticLookup(), PromptOptions(clip_skip=2))
+    assert torch.equal(native.prompt_embeds, two.prompt_embeds)
+    three = encode_prompts(xl, prompt, "", StaticLookup(), PromptOptions(clip_skip=3))
+    pe, _, pooled, _ = xl.pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False, clip_skip=1)
+    assert (three.prompt_embeds - pe).abs().max().item() <= 1e-6
+    assert (three.pooled - pooled).abs().max().item() <= 1e-6
