@@ -174,3 +174,19 @@ def test_a_nan_on_sdxl_stops_and_keeps_the_last_good_checkpoint(xl, tmp_path):
     assert load_checkpoint(tmp_path / "log" / "checkpoint.pt")["step"] == 2
     assert torch.isfinite(trainer.current_vectors()).all()
     assert not (tmp_path / "embeddings" / "shapes.safetensors").exists()
+
+
+def test_gradient_checkpointing_on_sdxl_gives_the_same_steps(xl, tmp_path):
+    make_pictures(tmp_path / "data")
+    results = []
+    for checkpointing in (False, True):
+        trainer = new_trainer(xl, tmp_path, steps=2, gradient_checkpointing=checkpointing,
+                              log_dir=str(tmp_path / f"log-{checkpointing}"))
+        trainer.step(), trainer.step()
+        assert xl.pipe.unet.is_gradient_checkpointing is checkpointing
+        assert getattr(xl.pipe.text_encoder_2, "is_gradient_checkpointing", checkpointing) is checkpointing
+        trainer.close()
+        results.append(trainer.current_vectors())
+    assert not xl.pipe.unet.is_gradient_checkpointing
+    assert not xl.pipe.text_encoder.training and not xl.pipe.text_encoder_2.training
+    assert torch.allclose(results[0], results[1], atol=1e-6)
