@@ -18,7 +18,7 @@ from sdrepl.daemon.registry import Request, handler
 @handler("model")
 async def switch_model(ctx: DaemonContext, params: dict, req: Request) -> dict:
     p = Params(params, "model")
-    spec = p.text("model")
+    spec = p.text("model", file_name=True)
     p.finish()
     assert ctx.residency is not None
     job = ctx.training
