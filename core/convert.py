@@ -33,20 +33,17 @@ Command line: ``python -m sdrepl.core.convert FILE --to pt [--overwrite] [--outp
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sdrepl.core.embedding import Embedding
 from sdrepl.core.errors import EmbeddingError
-from sdrepl.core.formats import (
-    decide_trigger,
-    read_embedding_bytes,
-    read_file_bytes,
-    write_embedding,
-    write_png_card,
-)
 from sdrepl.core.hashing import sha256_bytes
+
+if TYPE_CHECKING:  # the readers and writers import torch: `sdrepl convert /missing.pt` answers without it
+    from sdrepl.core.embedding import Embedding
 
 TARGETS = ("safetensors", "pt", "diffusers", "png")
 
@@ -68,6 +65,8 @@ def convert_embedding(emb: Embedding, to: str, *, overwrite: bool = False, outpu
     or the format cannot hold the vectors (SDXL pairs convert to safetensors and pt; diffusers' layout has
     one vector set and is refused with the route diffusers loads a pair by).
     """
+    from sdrepl.core.formats import write_embedding, write_png_card
+
     target = Path(output) if output is not None else output_path(emb, to)
     within = None if output is not None else emb.path.parent  # an explicit --output is the user's choice
     if target.exists() and target.resolve() == emb.path.resolve():
@@ -89,6 +88,9 @@ def convert_embedding(emb: Embedding, to: str, *, overwrite: bool = False, outpu
 
 def embedding_from_file(path: Path) -> Embedding:
     """Read one file into an :class:`Embedding` outside any library (trigger per spec section 4)."""
+    from sdrepl.core.embedding import Embedding
+    from sdrepl.core.formats import decide_trigger, read_embedding_bytes, read_file_bytes
+
     path = Path(path)
     raw, st = read_file_bytes(path)  # one bounded, non-blocking read for the parse and the hash
     data = read_embedding_bytes(path, raw)
@@ -120,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse printed the usage error
         return 0 if exc.code in (0, None) else 2
+    if not os.path.lexists(args.file):  # before the readers (and torch) are imported
+        print(f"sdrepl: {EmbeddingError(args.file, 'no such file')}", file=sys.stderr)
+        return 2
     from sdrepl.core.dependencies import torch_problem
 
     unsafe = torch_problem()

@@ -48,3 +48,11 @@ def test_the_loader_gives_the_same_answer(tmp_path: Path) -> None:
     assert str(fast.value) == str(slow.value)
     check_model_path("tiny")
     check_model_path("stable-diffusion-v1-5/stable-diffusion-v1-5")  # a hub id is not a path
+
+
+def test_convert_of_a_missing_file_says_so_without_importing_torch(tmp_path: Path) -> None:
+    missing = tmp_path / "gone.pt"
+    done = subprocess.run([sys.executable, "-c", PROBE, "convert", str(missing), "--to", "safetensors"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.stdout.strip().splitlines()[-1] == "RESULT 2 none", done
+    assert done.stderr.strip() == f"sdrepl: {missing}: no such file"
