@@ -68,6 +68,11 @@ def tokens(result: dict[str, Any]) -> str:
     neg_names = [n for n in negative.get("embeddings") or [] if n not in names]
     if names or neg_names:
         parts.append("embeddings: " + ", ".join(map(visible, names + neg_names)))
+    loras = result.get("loras") or []
+    if loras:  # extra-network tags cost no tokens: shown beside the count, with their weights
+        parts.append("loras: " + ", ".join(
+            f"{visible(n.get('name'))}:{n.get('te'):g}" + ("" if n.get("te") == n.get("unet") else f"/{n.get('unet'):g}")
+            for n in loras))
     lines = [SEP.join(parts)]
     if result.get("changes") or negative.get("changes"):
         lines.append(f"  the prompt changes during sampling ({result.get('steps', '?')} steps); the count is the "

@@ -1,0 +1,80 @@
+"""The interactive REPL in a real pseudo-terminal with LoRAs: Tab after <lora: completes a file's name, and a
+LoRA file dropped while the REPL runs is announced on screen and completes at once (no restart)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+from daemon_testing import make_daemon, short_dir
+
+pexpect = pytest.importorskip("pexpect")
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+PROMPT = "sd> "
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    from lora_files import kohya_file
+
+    from sdrepl.core.tiny import build_tiny
+
+    tmp = short_dir("sdrepl-lo-")
+    proc = make_daemon(tmp)
+    (tmp / "loras").mkdir()
+    pipe = build_tiny("tiny")
+    kohya_file(tmp / "loras" / "watercolor.safetensors", pipe, seed=1)
+    kohya_file(tmp / "later.safetensors", pipe, seed=2)
+    import os
+
+    proc.env = {k: v for k, v in os.environ.items() if not k.startswith("SDREPL_")}
+    proc.env.update(XDG_STATE_HOME=str(tmp / "state"), SDREPL_HISTORY=str(tmp / "history"), TERM="xterm",
+                    TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", PROMPT_TOOLKIT_NO_CPR="1")
+    try:
+        proc.start(cwd=tmp)
+        yield SimpleNamespace(args=proc.settings.daemon_args(), env=proc.env, tmp=tmp)
+    finally:
+        proc.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def repl(daemon):
+    child = pexpect.spawn(sys.executable, ["-m", "sdrepl", *daemon.args], env=daemon.env, cwd=str(daemon.tmp),
+                          dimensions=(40, 160), encoding="utf-8", timeout=60, codec_errors="replace")
+    try:
+        child.expect("sdrepl · model tiny")
+        child.expect_exact(PROMPT)
+        yield child
+    finally:
+        if child.isalive():
+            child.sendcontrol("d")
+            try:
+                child.expect(pexpect.EOF, timeout=10)
+            except pexpect.TIMEOUT:
+                child.terminate(force=True)
+
+
+def test_tab_completes_a_lora_and_tokens_show_it(repl):
+    repl.send("!tokens a cat <lora:waterc")
+    time.sleep(0.5)
+    repl.send("\t")
+    time.sleep(0.3)
+    repl.send("\r")
+    repl.expect("loras: watercolor:1")
+
+
+def test_a_dropped_lora_is_announced_and_completes(repl, daemon):
+    shutil.copy(daemon.tmp / "later.safetensors", daemon.tmp / "loras" / "later.safetensors")
+    repl.expect_exact("LoRAs new: <lora:later>")
+    repl.send("!tokens <lora:lat")
+    time.sleep(0.5)
+    repl.send("\t")
+    time.sleep(0.3)
+    repl.send("\r")
+    repl.expect("loras: later:1")
