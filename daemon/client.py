@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import socket as socket_mod
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,9 @@ from typing import Any
 from sdrepl.core.errors import SdreplError
 from sdrepl.daemon import protocol
 from sdrepl.daemon.runtime_dir import check_peer, check_socket
+from sdrepl.daemon.auth import RemoteEndpoint
+from sdrepl.daemon.tls import TlsError
+from sdrepl.daemon.transport import open_remote, open_remote_sync
 
 log = logging.getLogger(__name__)
 READ_CHUNK = 1 << 18
@@ -43,8 +47,11 @@ class DaemonUnavailable(SdreplError):
     """No daemon answers on the socket, or it went away while a request was in flight."""
 
 
-def _no_daemon(socket: Path, why: str = "") -> DaemonUnavailable:
+def _no_daemon(socket: Path | RemoteEndpoint, why: str = "") -> DaemonUnavailable:
     extra = f" ({why})" if why else ""
+    if isinstance(socket, RemoteEndpoint):
+        return DaemonUnavailable(f"no daemon answers at {socket} ({socket.source}){extra}; start it there with "
+                                 "`sdrepl serve --listen HOST:PORT`")
     return DaemonUnavailable(f"no daemon on {socket}{extra}; start one with `sdrepl serve`")
 
 
@@ -68,16 +75,34 @@ class DaemonClient:
         self._reader_task: asyncio.Task | None = None
         #: Called with the reason once the connection is closed (by either side), e.g. to reconnect.
         self.on_closed: list[Callable[[str], None]] = []
+        #: A remote client's own outputs folder: where the pictures sent back are written (set by the REPL).
+        self.local_outputs: Path | None = None
+
+    @property
+    def remote(self) -> bool:
+        """Talking to a daemon on another machine (TLS): pictures come back as bytes, its paths are not ours."""
+        return isinstance(self.socket, RemoteEndpoint)
 
     @classmethod
-    async def connect(cls, socket: Path, *, timeout: float = 5.0, events: bool = True,
+    async def connect(cls, socket: Path | RemoteEndpoint, *, timeout: float = 5.0, events: bool = True,
                       client: str = "repl") -> DaemonClient:
-        """Connect and say hello; :class:`DaemonUnavailable` if nothing answers within ``timeout``."""
-        socket = Path(socket)
-        check_socket(socket)
+        """Connect and say hello; :class:`DaemonUnavailable` if nothing answers within ``timeout``.
+
+        ``socket`` is the Unix socket, or a :class:`RemoteEndpoint` (TLS, pinned certificate, key in the hello)."""
+        socket = socket if isinstance(socket, RemoteEndpoint) else Path(socket)
+        auth: dict[str, Any] = {"token": socket.key} if isinstance(socket, RemoteEndpoint) else {}
+        if not isinstance(socket, RemoteEndpoint):
+            check_socket(socket)
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(str(socket), limit=protocol.MAX_LINE), timeout)
+            if isinstance(socket, RemoteEndpoint):
+                reader, writer = await open_remote(socket, timeout)
+            else:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_unix_connection(str(socket), limit=protocol.MAX_LINE), timeout)
+        except TlsError as exc:
+            raise DaemonUnavailable(str(exc)) from exc
+        except ssl.SSLError as exc:
+            raise _no_daemon(socket, f"TLS failed: {exc.reason or exc}") from exc
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise _no_daemon(socket) from exc
         except TimeoutError as exc:
@@ -85,7 +110,8 @@ class DaemonClient:
         except OSError as exc:
             raise _no_daemon(socket, exc.strerror or str(exc)) from exc
         try:
-            check_peer(writer.get_extra_info("socket"), socket)
+            if not isinstance(socket, RemoteEndpoint):  # a TLS peer is checked by its pinned certificate
+                check_peer(writer.get_extra_info("socket"), socket)
         except BaseException:
             writer.close()
             raise
@@ -93,7 +119,8 @@ class DaemonClient:
         self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
         try:
             self.hello = await asyncio.wait_for(
-                self.request("hello", protocol=protocol.PROTOCOL_VERSION, client=client, events=events), timeout)
+                self.request("hello", protocol=protocol.PROTOCOL_VERSION, client=client, events=events, **auth),
+                timeout)
         except TimeoutError as exc:
             await self.close()
             raise DaemonUnavailable(f"the daemon on {socket} did not answer hello within {timeout:g} s; it may "
@@ -209,27 +236,51 @@ class DaemonClient:
             future.set_exception(_error_from_reply(message))
 
 
-def request_sync(socket: Path, type: str, timeout: float = 10.0, **params: Any) -> dict[str, Any]:
+def _open_sync(socket: Path | RemoteEndpoint, timeout: float) -> Any:
+    """A blocking connection to the Unix socket or (TLS, pinned) to a remote endpoint."""
+    if isinstance(socket, RemoteEndpoint):
+        try:
+            return open_remote_sync(socket, timeout)
+        except TlsError as exc:
+            raise DaemonUnavailable(str(exc)) from exc
+        except ssl.SSLError as exc:
+            raise _no_daemon(socket, f"TLS failed: {exc.reason or exc}") from exc
+        except (ConnectionRefusedError, TimeoutError) as exc:
+            raise _no_daemon(socket) from exc
+        except OSError as exc:
+            raise _no_daemon(socket, exc.strerror or str(exc)) from exc
+    check_socket(socket)
+    sock = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(socket))
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        sock.close()
+        raise _no_daemon(socket) from exc
+    except OSError as exc:
+        sock.close()
+        raise _no_daemon(socket, exc.strerror or str(exc)) from exc
+    try:
+        check_peer(sock, socket)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def request_sync(socket: Path | RemoteEndpoint, type: str, timeout: float = 10.0, **params: Any) -> dict[str, Any]:
     """Connect, say hello (no events), send one request, return its result; blocking.
 
     :class:`DaemonUnavailable` when nothing answers within ``timeout``; :class:`RemoteError` on an error
     reply. Usable from any thread, including one running an event loop.
     """
-    socket = Path(socket)
-    check_socket(socket)
+    socket = socket if isinstance(socket, RemoteEndpoint) else Path(socket)
     deadline = time.monotonic() + timeout
-    sock = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+    auth: dict[str, Any] = {"token": socket.key} if isinstance(socket, RemoteEndpoint) else {}
+    sock = _open_sync(socket, timeout)
     try:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(str(socket))
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise _no_daemon(socket) from exc
-        except OSError as exc:
-            raise _no_daemon(socket, exc.strerror or str(exc)) from exc
-        check_peer(sock, socket)
         hello = protocol.request(0, "hello", protocol=protocol.PROTOCOL_VERSION, client=f"sync-{os.getpid()}",
-                                 events=False)
+                                 events=False, **auth)
         sock.sendall(protocol.encode(hello) + protocol.encode(protocol.request(1, type, **params)))
         framer = protocol.LineFramer()
         lines: list[bytes | None] = []

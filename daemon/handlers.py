@@ -90,7 +90,8 @@ def status_result(ctx: DaemonContext) -> dict[str, Any]:
         "training": training_summary(ctx),
         "clients": ctx.clients,
         "keep_alive_s": ctx.settings.keep_alive,
-        "outputs": str(ctx.settings.outputs),
+        "outputs": str(ctx.settings.outputs),  # the daemon's own copies (remote clients get theirs sent)
+        "listen": list(ctx.listening),
     }
 
 
@@ -131,7 +132,7 @@ async def ping(ctx: DaemonContext, params: dict, req: Request) -> dict:
 @handler("status")
 async def status(ctx: DaemonContext, params: dict, req: Request) -> dict:
     Params(params, "status").finish()
-    return status_result(ctx)
+    return {**status_result(ctx), "remote_client": bool(getattr(req.connection, "remote", False))}
 
 
 @handler("tokens")

@@ -74,8 +74,10 @@ def start_detached(settings: Settings, timeout: float = START_TIMEOUT_S) -> tupl
             info = None
         if info is not None and info.get("pid") == proc.pid:
             model = info.get("model") or {}
+            remote = (f"; remote clients: sdrepl --connect {settings.remote_connection_file}"
+                      if settings.listen else "")
             return 0, (f"sdrepl: daemon ready on {settings.socket} (pid {proc.pid}, model {model.get('model')} on "
-                       f"{model.get('device')}; log {log_file})")
+                       f"{model.get('device')}; log {log_file}{remote})")
         time.sleep(0.05)
     return 2, (f"sdrepl: the daemon (pid {proc.pid}) was not ready after {timeout:g} s; it may still be loading: "
                f"see {log_file}, or `sdrepl stop` it")
@@ -104,6 +106,9 @@ def ensure_daemon(settings: Settings, *, on_status: Callable[[str], None] | None
     start, or when nothing is ready within ``timeout``.
     """
     notify = on_status or (lambda text: print(text, file=sys.stderr, flush=True))
+    if settings.connect is not None:  # a remote daemon: it answers or it does not; none is started from here
+        request_sync(settings.connect, "ping", timeout=10.0)
+        return
     if _answers(settings.socket):
         return
     holder = SocketLock(settings.socket).holder()
@@ -146,8 +151,14 @@ def _answers(socket: Path) -> bool:
 
 def status_command(settings: Settings, as_json: bool = False) -> int:
     try:
-        result = request_sync(settings.socket, "status", timeout=5.0)
+        result = request_sync(settings.target, "status", timeout=10.0 if settings.connect else 5.0)
     except DaemonUnavailable as exc:
+        if settings.connect is not None:
+            if as_json:
+                print(json.dumps({"running": False, "host": str(settings.connect), "error": str(exc)}))
+            else:
+                print(f"sdrepl: {exc}", file=sys.stderr)
+            return 1
         holder = SocketLock(settings.socket).holder()
         if as_json:
             print(json.dumps({"running": False, "socket": str(settings.socket), "starting_pid": holder,
@@ -179,7 +190,29 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def _stop_remote(endpoint: object, timeout: float) -> int:
+    """``stop`` of a daemon on another machine: ask it to shut down, wait until it no longer answers."""
+    try:
+        pid = request_sync(endpoint, "status", timeout=10.0).get("pid")
+        request_sync(endpoint, "shutdown", timeout=10.0)
+    except DaemonUnavailable as exc:
+        print(f"sdrepl: {exc}; nothing to stop")
+        return 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            request_sync(endpoint, "ping", timeout=2.0)
+        except (DaemonUnavailable, RemoteError):  # gone, or refusing new requests while it stops
+            print(f"sdrepl: daemon at {endpoint} stopped (pid {pid} there)")
+            return 0
+        time.sleep(0.1)
+    print(f"sdrepl: the daemon at {endpoint} is still stopping after {timeout:g} s", file=sys.stderr)
+    return 1
+
+
 def stop_command(settings: Settings, timeout: float = STOP_TIMEOUT_S) -> int:
+    if settings.connect is not None:
+        return _stop_remote(settings.connect, timeout)
     try:
         info = request_sync(settings.socket, "status", timeout=5.0)
         pid = int(info["pid"])

@@ -166,6 +166,12 @@ def run_daemon(settings: Settings) -> int:
     unsafe = torch_problem()
     if unsafe is not None:
         return _fail(unsafe, 2)
+    from sdrepl.daemon.transport import prepare_listeners
+
+    try:
+        listeners = prepare_listeners(settings)  # a bad --listen or certificate fails before the model loads
+    except SdreplError as exc:
+        return _fail(str(exc), 2)
     configure_logging()
     lock = SocketLock(settings.socket)
     try:
@@ -196,7 +202,7 @@ def run_daemon(settings: Settings) -> int:
         box = [model]
         del model
         try:
-            return asyncio.run(_serve(settings, box))
+            return asyncio.run(_serve(settings, box, listeners))
         except OSError as exc:  # a folder that cannot be created or watched, a socket that cannot be bound
             log.debug("start-up failed", exc_info=True)
             where = f" ({exc.filename})" if exc.filename else ""
@@ -229,7 +235,7 @@ def _load_initial_model(settings: Settings) -> Any:
     return model
 
 
-async def _serve(settings: Settings, box: list[Any]) -> int:
+async def _serve(settings: Settings, box: list[Any], listeners: Any = None) -> int:
     """Serve until shutdown; ``box`` holds the start-up model, which is taken out (see ``run_daemon``)."""
     from sdrepl.core.library import EmbeddingLibrary
     from sdrepl.daemon.context import DaemonContext
@@ -267,6 +273,8 @@ async def _serve(settings: Settings, box: list[Any]) -> int:
         remove_files(settings)  # stale ones: we hold the lock and nobody answered
         await server.listen(settings.socket)
         write_connection_file(settings)
+        if listeners is not None:
+            await _listen_remote(server, settings, listeners)
         _install_signals(loop, server, settings)
         ctx.residency.start_keep_alive()
         log.info("sdrepl daemon %s ready on %s (pid %d)", __version__, settings.socket, os.getpid())
@@ -280,6 +288,20 @@ async def _serve(settings: Settings, box: list[Any]) -> int:
         worker.stop(timeout=1.0)
     log.info("stopped")
     return 0
+
+
+async def _listen_remote(server: Any, settings: Settings, plan: Any) -> None:
+    """Open the TLS listeners, then write the remote connection file (with the bound ports) and say where."""
+    from sdrepl.daemon.auth import write_connection_file as write_remote_file
+
+    bound = [await server.listen_tcp(host, port, plan.ssl_context, plan.key) for host, port in plan.addresses]
+    write_remote_file(plan.connection_file, listeners=bound, fingerprint=plan.fingerprint, key=plan.key,
+                      socket=settings.socket)
+    server.ctx.listening = [f"{host}:{port}" for host, port in bound]
+    where = ", ".join(f"tls://{host}:{port}" for host, port in bound)
+    log.info("listening on %s (certificate %s)", where, plan.fingerprint)
+    print(f"sdrepl: listening on {where}; remote clients: sdrepl --connect {plan.connection_file} (copy that file, "
+          "0600, to the client machine)", file=sys.stderr, flush=True)
 
 
 def _install_signals(loop: asyncio.AbstractEventLoop, server: Any, settings: Settings) -> None:

@@ -24,15 +24,19 @@ from typing import Any
 
 from sdrepl.core.errors import SdreplError
 from sdrepl.daemon import protocol
+from sdrepl.daemon.admission import DEFAULT_MAX_QUEUE, Admission, RateLimit
+from sdrepl.daemon.auth import AuthFailed, keys_match
 from sdrepl.daemon.context import DaemonContext
 from sdrepl.daemon.protocol import BadRequest, Cancelled, InternalError, UnknownRequest
 from sdrepl.daemon.registry import Request, known_types, lookup
+from sdrepl.daemon.remote_files import refuse_daemon_paths
+from sdrepl.daemon.transport import AUTH_TIMEOUT_S, PREAUTH_LINE
 
 log = logging.getLogger(__name__)
 
 #: Modules whose ``@handler`` registrations make up the protocol.
 HANDLER_MODULES = ("sdrepl.daemon.handlers", "sdrepl.daemon.generation", "sdrepl.daemon.training_handlers",
-                   "sdrepl.daemon.networks", "sdrepl.daemon.model_handlers")
+                   "sdrepl.daemon.networks", "sdrepl.daemon.model_handlers", "sdrepl.daemon.remote_files")
 #: Above this many bytes waiting to be written to one client, the daemon reads no more of its lines.
 PAUSE_READING = 4 * 1024 * 1024
 #: Above this many bytes waiting to be written to one client, its events are dropped (replies never are).
@@ -64,6 +68,11 @@ class Connection:
         self.closed = False
         self.inflight: dict[int | str, tuple[Request, asyncio.Task]] = {}
         self._dropped_events = 0
+        #: A TCP client (docs/deployment.md): authenticates in its hello; daemon paths are refused for it.
+        self.remote = False
+        self.authenticated = True
+        self.key: str | None = None
+        self.rate = RateLimit()
 
     # --- sending (loop thread unless said otherwise) ----------------------------------------------------
 
@@ -135,16 +144,29 @@ class Connection:
 
     async def serve(self) -> None:
         """Read lines until the client goes away (lines over the limit are refused and skipped)."""
-        framer = protocol.LineFramer()
+        framer = protocol.LineFramer(PREAUTH_LINE if not self.authenticated else protocol.MAX_LINE)
         self.writer.transport.set_write_buffer_limits(high=PAUSE_READING)  # what drain() waits for
+        deadline = asyncio.get_running_loop().time() + AUTH_TIMEOUT_S
         try:
             while not self.closed:
-                chunk = await self.reader.read(READ_CHUNK)
+                if self.authenticated:
+                    framer.limit = protocol.MAX_LINE
+                    chunk = await self.reader.read(READ_CHUNK)
+                else:  # an unauthenticated client gets AUTH_TIMEOUT_S for its hello, then is dropped
+                    try:
+                        chunk = await asyncio.wait_for(self.reader.read(READ_CHUNK),
+                                                       max(0.0, deadline - asyncio.get_running_loop().time()))
+                    except TimeoutError:
+                        log.warning("client %s sent no valid hello within %.0f s; closing", self.label,
+                                    AUTH_TIMEOUT_S)
+                        break
                 if not chunk:
                     break
                 for line in framer.feed(chunk):
                     if line is None:
                         self._overlong()
+                        if not self.authenticated:
+                            self._authenticate(None, None, None)
                     else:
                         self.on_line(line)
                     await self._catch_up()
@@ -164,6 +186,8 @@ class Connection:
         """Dispatch one line; whatever goes wrong, the line gets a reply (``InternalError`` for a bug)."""
         try:
             self._dispatch(line)
+            if not self.authenticated and not self.closed:  # a bad line before the hello: refused too
+                self._authenticate(None, None, None)
         except Exception as exc:
             log.exception("a line from client %s could not be dispatched", self.label)
             self.send(protocol.reply_exception(None, InternalError(
@@ -189,6 +213,9 @@ class Connection:
                                            f"({request_id!a}); ids are Unicode text: send UTF-8"))
             return
         type_name = message.get("type")
+        token = message.pop("token", None)  # only the hello's authentication reads it; never a parameter
+        if not self.authenticated and not self._authenticate(request_id, type_name, token):
+            return
         if not isinstance(type_name, str) or not type_name:
             self.send(protocol.reply_error(request_id, "BadRequest", "a request needs a \"type\" (a string), e.g. "
                                            "\"ping\""))
@@ -203,11 +230,36 @@ class Connection:
                                            "by a request in flight on this connection; use a new id"))
             return
         params = {k: v for k, v in message.items() if k not in ("id", "type")}
+        try:
+            if self.remote:
+                self.rate.take()
+                refuse_daemon_paths(type_name, params)
+            admitted = self.server.admission.enter(type_name)  # QueueFull at once; nothing queued
+        except SdreplError as exc:
+            self.send(protocol.reply_exception(request_id, exc))
+            return
         req = Request(request_id, type_name, self)
-        task = asyncio.get_running_loop().create_task(self._run(spec.fn, params, req))
+        task = asyncio.get_running_loop().create_task(self._run(spec.fn, params, req, admitted))
         self.inflight[request_id] = (req, task)
 
-    async def _run(self, fn: Any, params: dict[str, Any], req: Request) -> None:
+    def _authenticate(self, request_id: int | str, type_name: Any, token: Any) -> bool:
+        """A TCP client's first request must be a hello with the daemon's key; anything else closes it."""
+        if type_name == "hello" and self.key is not None and keys_match(token, self.key):
+            self.authenticated = True
+            log.info("client %s authenticated", self.label)
+            return True
+        why = ("the first request must be a hello carrying the connection file's key" if type_name != "hello" else
+               "no key" if token is None else "a wrong key")
+        log.warning("refusing client %s: %s", self.label, why)
+        self.send(protocol.reply_exception(request_id, AuthFailed(
+            f"not authenticated ({why}); connect with `sdrepl --connect FILE` using the daemon's connection file, "
+            "or set SDREPL_TOKEN to its key")))
+        self.closed = True
+        with contextlib.suppress(Exception):
+            self.writer.close()  # after the reply is flushed
+        return False
+
+    async def _run(self, fn: Any, params: dict[str, Any], req: Request, admitted: bool = False) -> None:
         reply: dict[str, Any] | None = None
         try:
             if self.server.stopping and req.type not in ("status", "ping", "hello", "cancel", "shutdown"):
@@ -228,6 +280,8 @@ class Connection:
                 f"{self.ctx.log_hint}"))
         finally:
             self.inflight.pop(req.id, None)
+            if admitted:
+                self.server.admission.leave()
         if reply is not None:
             self.send(reply)
 
@@ -241,6 +295,9 @@ class DaemonServer:
         self.stopping = False
         self.stopped = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
+        self._tcp_servers: list[asyncio.AbstractServer] = []
+        self.admission = Admission(getattr(ctx.settings, "max_queue", DEFAULT_MAX_QUEUE))
+        self._key: str | None = None
         self._numbers = 0
         self._shutdown_reason: str | None = None
         self._conn_tasks: set[asyncio.Task] = set()
@@ -258,9 +315,27 @@ class DaemonServer:
         self.ctx.bind(broadcast=self.broadcast, request_shutdown=self.request_shutdown,
                       client_count=lambda: len(self.connections))
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def listen_tcp(self, host: str, port: int, ssl_context: Any, key: str) -> tuple[str, int]:
+        """A TLS listener whose clients must authenticate with ``key``; returns the bound (host, port)."""
+        self._key = key
+        server = await asyncio.start_server(self._accept_remote, host=host, port=port, ssl=ssl_context,
+                                            ssl_handshake_timeout=AUTH_TIMEOUT_S, limit=protocol.MAX_LINE,
+                                            reuse_address=True)
+        self._tcp_servers.append(server)
+        bound = server.sockets[0].getsockname()
+        return host, int(bound[1])
+
+    async def _accept_remote(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._accept(reader, writer, remote=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                      remote: bool = False) -> None:
         self._numbers += 1
         conn = Connection(self, reader, writer, self._numbers)
+        if remote:
+            peer = writer.get_extra_info("peername")
+            conn.client = f"remote {peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "remote"
+            conn.remote, conn.authenticated, conn.key = True, False, self._key
         if self.stopping:
             writer.close()
             return
@@ -294,8 +369,9 @@ class DaemonServer:
         return self._shutdown_reason
 
     def stop_accepting(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for server in [self._server, *self._tcp_servers]:
+            if server is not None:
+                server.close()
 
     async def drain_requests(self, grace: float) -> None:
         """Let in-flight requests finish for ``grace`` seconds, then cancel them (they reply Cancelled)."""

@@ -109,6 +109,11 @@ async def run_generate(session: Session, line: GenerationLine, started: Started)
         task = asyncio.ensure_future(session.client.cancel(request_id))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         raise
+    outputs = getattr(session.client, "local_outputs", None)
+    if outputs is not None:  # a remote daemon: its pictures come back as bytes
+        from sdrepl.repl.remote_pictures import bring_home
+
+        result = await bring_home(session.client, result, outputs)
     return Outcome(result, render.generation(result, session.cwd))
 
 

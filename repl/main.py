@@ -97,6 +97,8 @@ def open_script(script: str | Path) -> TextIO:
 
 
 def unreachable(settings: Any, exc: BaseException) -> str:
+    if settings.connect is not None:  # a remote daemon is never started from here
+        return f"sdrepl: {exc}"
     return f"sdrepl: no daemon answers at {settings.socket} and none could be started: {exc}"
 
 
@@ -137,7 +139,10 @@ async def connect(settings: Any, *, client_name: str) -> Any:
     """Connect to the daemon on ``settings.socket``, saying so when it serves another model than asked."""
     from sdrepl.daemon.client import DaemonClient
 
-    client = await DaemonClient.connect(settings.socket, timeout=5.0, events=True, client=client_name)
+    client = await DaemonClient.connect(settings.target, timeout=10.0, events=True, client=client_name)
+    if client.remote:  # pictures come back as bytes and land in this machine's outputs folder
+        client.local_outputs = settings.outputs
+        return client
     serving = (client.hello.get("model") or {}).get("model")
     if serving is not None and not same_model(serving, settings.model):
         print_status(f"the daemon on {settings.socket} serves model {serving}, not {settings.model}; "

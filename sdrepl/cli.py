@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from sdrepl import __version__
-from sdrepl.config import add_shared_options, settings_from_args
+from sdrepl.config import add_connect_option, add_serve_options, add_shared_options, settings_from_args
 from sdrepl.core.errors import SdreplError
 
 COMMANDS = ("serve", "status", "stop", "convert")
@@ -42,6 +42,8 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"sdrepl {__version__}")
     add_shared_options(parser)
+    if command in (None, "status", "stop"):
+        add_connect_option(parser)
     if command is None:
         parser.add_argument("--json", action="store_true", help="scripted: one JSON object per executed line")
         parser.add_argument("--fail-fast", action="store_true", help="scripted: stop at the first failing line")
@@ -49,6 +51,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
                             help="run the lines of FILE as a scripted session instead of reading stdin")
     elif command == "serve":
         parser.add_argument("--detach", action="store_true", help="run in the background; log beside the socket")
+        add_serve_options(parser)
     elif command == "status":
         parser.add_argument("--json", action="store_true", help="print the status as one JSON object")
     return parser

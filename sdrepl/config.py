@@ -16,6 +16,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sdrepl.core.errors import UsageError
 
@@ -61,6 +62,26 @@ class Settings:
     comma_padding_backtrack: int = 20
     #: ``--compile``: torch.compile the UNet and the VAE decoder (``core.speed``).
     compile: bool = False
+    #: ``serve --listen HOST:PORT`` (repeatable): TLS listeners with a secret, besides the Unix socket.
+    listen: list[str] = field(default_factory=list)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: ``serve --connection-file``: where the remote connection file (host, port, fingerprint, key) goes.
+    remote_file: Path | None = None
+    #: ``serve --max-queue N``: generations that may wait behind the running one; more get QueueFull at once.
+    max_queue: int = 512
+    #: A client's remote daemon (``--connect FILE`` or ``SDREPL_HOST``), a ``daemon.auth.RemoteEndpoint``.
+    connect: Any = None
+
+    @property
+    def remote_connection_file(self) -> Path:
+        """What remote clients need (0600): ``--connection-file``, else beside the socket."""
+        return self.remote_file or self.socket.with_name(self.socket.name + ".remote.json")
+
+    @property
+    def target(self) -> Any:
+        """Where a client connects: the remote endpoint when one was given, else the Unix socket."""
+        return self.connect if self.connect is not None else self.socket
 
     @property
     def connection_file(self) -> Path:
@@ -88,6 +109,12 @@ class Settings:
             emphasis=self.emphasis,
             comma_padding_backtrack=self.comma_padding_backtrack,
             compile=self.compile,
+            listen=list(self.listen),
+            tls_cert=self.tls_cert.expanduser().absolute() if self.tls_cert else None,
+            tls_key=self.tls_key.expanduser().absolute() if self.tls_key else None,
+            remote_file=self.remote_file.expanduser().absolute() if self.remote_file else None,
+            connect=self.connect,
+            max_queue=self.max_queue,
         )
 
     def daemon_args(self) -> list[str]:
@@ -106,6 +133,14 @@ class Settings:
             args += ["--prediction-type", self.prediction_type]
         if self.compile:
             args.append("--compile")
+        if self.max_queue != 512:
+            args += ["--max-queue", str(self.max_queue)]
+        for address in self.listen:  # serve --detach re-runs serve with these
+            args += ["--listen", address]
+        for option, value in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
+                              ("--connection-file", self.remote_file)):
+            if value is not None:
+                args += [option, str(value)]
         return args
 
 
@@ -147,6 +182,39 @@ def _folders(given: list[Path] | None, variable: str, default: str) -> list[Path
     return [Path(p) for p in env.split(os.pathsep) if p] if env else [Path(default)]
 
 
+def add_serve_options(parser: argparse.ArgumentParser) -> None:
+    """``serve``'s remote listeners (docs/deployment.md)."""
+    parser.add_argument("--listen", action="append", default=None, metavar="HOST:PORT",
+                        help="also listen on TCP, always TLS with a secret (repeatable; PORT 0 picks a free one)")
+    parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate for --listen (default: a "
+                        "self-signed one made on first start)")
+    parser.add_argument("--tls-key", type=Path, default=None, help="the private key of --tls-cert")
+    parser.add_argument("--connection-file", type=Path, default=None, metavar="PATH",
+                        help="where remote clients' connection file goes (default beside the socket)")
+    parser.add_argument("--max-queue", default=os.environ.get("SDREPL_MAX_QUEUE", "512"), metavar="N",
+                        help="generations that may wait behind the running one; more get 'queue full' at once "
+                             "(default 512)")
+
+
+def add_connect_option(parser: argparse.ArgumentParser) -> None:
+    """Client commands: talk to a remote daemon (``--connect FILE``, or ``SDREPL_HOST`` + token + fingerprint)."""
+    env = os.environ.get
+    parser.add_argument("--connect", type=Path, default=Path(env("SDREPL_CONNECT")) if env("SDREPL_CONNECT")
+                        else None, metavar="FILE", help="a remote daemon's connection file (from `sdrepl serve "
+                        "--listen`); or set SDREPL_HOST, SDREPL_TOKEN and SDREPL_FINGERPRINT")
+
+
+def _remote_endpoint(ns: argparse.Namespace) -> Any:
+    from sdrepl.daemon.auth import endpoint_from_env, endpoint_from_file
+
+    given = getattr(ns, "connect", None)
+    if given is not None:
+        return endpoint_from_file(given)
+    if hasattr(ns, "connect"):
+        return endpoint_from_env(dict(os.environ))
+    return None
+
+
 def settings_from_args(ns: argparse.Namespace) -> Settings:
     embeddings = _folders(ns.embeddings, "SDREPL_EMBEDDINGS", "embeddings")
     return Settings(
@@ -163,7 +231,23 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         emphasis=_emphasis(ns.emphasis),
         comma_padding_backtrack=_comma_window(ns.comma_padding_backtrack),
         compile=bool(getattr(ns, "compile", False)),
+        listen=list(getattr(ns, "listen", None) or []),
+        tls_cert=getattr(ns, "tls_cert", None),
+        tls_key=getattr(ns, "tls_key", None),
+        remote_file=getattr(ns, "connection_file", None),
+        connect=_remote_endpoint(ns),
+        max_queue=_max_queue(getattr(ns, "max_queue", None)),
     ).resolved()
+
+
+def _max_queue(text: str | None) -> int:
+    if text is None:
+        return 512
+    value = str(text).strip()
+    if not value.isdigit() or not 0 <= int(value) <= 1_000_000:
+        raise UsageError(f"--max-queue {text!r}: give a whole number of waiting generations, 0 to 1000000 (0: only "
+                         "the running one; default 512)")
+    return int(value)
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
