@@ -21,8 +21,8 @@ from typing import Any
 
 from sdrepl.core.errors import SdreplError
 from sdrepl.daemon import protocol
-from sdrepl.daemon.runtime_dir import check_peer, check_socket
 from sdrepl.daemon.auth import RemoteEndpoint
+from sdrepl.daemon.runtime_dir import check_peer, check_socket
 from sdrepl.daemon.tls import TlsError
 from sdrepl.daemon.transport import open_remote, open_remote_sync
 

@@ -63,7 +63,12 @@ class Connection:
 
     @property
     def socket(self) -> Any:
-        return self.settings.socket
+        return self.settings.target
+
+    @property
+    def local_outputs(self) -> Any:
+        """A remote daemon's pictures land here (``DaemonClient.local_outputs``; None for a local daemon)."""
+        return getattr(self.client, "local_outputs", None)
 
     def add_event_listener(self, callback: Callable[[dict], None]) -> None:
         self._listeners.append(callback)
@@ -112,12 +117,12 @@ class Connection:
 
     def gone(self) -> DaemonUnavailable:
         why = f" ({self._lost_reason})" if self._lost_reason else ""
-        return DaemonUnavailable(f"no daemon is connected on {self.settings.socket}{why}; {NEXT_LINE_HINT}")
+        return DaemonUnavailable(f"no daemon is connected on {self.settings.target}{why}; {NEXT_LINE_HINT}")
 
     # -- connecting ---------------------------------------------------------------------------------
 
     async def _connect_socket(self) -> Any:
-        return await DaemonClient.connect(self.settings.socket, timeout=5.0, events=True, client=self.client_name)
+        return await DaemonClient.connect(self.settings.target, timeout=5.0, events=True, client=self.client_name)
 
     async def attach(self, client: Any) -> None:
         """Use ``client`` from now on: hook its close, attach the listeners, tell ``on_back``."""

@@ -201,7 +201,7 @@ class InteractiveRepl:
     def _daemon_lost(self, why: str) -> None:
         """Said at once (not on the next line); buffer, history and ``!set`` defaults stay as they are."""
         self.state.daemon_gone = why
-        self.state.notify(f"the daemon on {self.settings.socket} went away ({why}); reconnecting when one answers "
+        self.state.notify(f"the daemon on {self.settings.target} went away ({why}); reconnecting when one answers "
                           "again, or the next line starts one")
 
     async def _daemon_back(self, client: Any) -> None:
@@ -209,7 +209,7 @@ class InteractiveRepl:
         self.tracker.refresh()
         hello = getattr(client, "hello", None) or {}
         model = (hello.get("model") or {}).get("model", "?")
-        self.state.notify(f"reconnected to the daemon on {self.settings.socket} (pid {hello.get('pid', '?')}, model "
+        self.state.notify(f"reconnected to the daemon on {self.settings.target} (pid {hello.get('pid', '?')}, model "
                           f"{model}; {len(self.state.embeddings)} embeddings)")
 
     async def _ensure_daemon(self, line: LogicalLine) -> bool:
@@ -220,7 +220,7 @@ class InteractiveRepl:
         try:
             return await ensure(auto_start=True)
         except Exception as exc:
-            self.emit(f"sdrepl: no daemon can be reached or started on {self.settings.socket}: "
+            self.emit(f"sdrepl: no daemon can be reached or started on {self.settings.target}: "
                       f"{getattr(exc, 'message', None) or exc}; the line is back in the buffer")
             return False
 
