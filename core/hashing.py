@@ -10,6 +10,7 @@ whose size and modification time are unchanged keeps its hash. Callers that alre
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from pathlib import Path
@@ -87,3 +88,60 @@ DEFAULT_CACHE = HashCache()
 def sha256_file(path: Path | str) -> str:
     """The hex sha256 of a file, from :data:`DEFAULT_CACHE` when the file is unchanged since last time."""
     return DEFAULT_CACHE.sha256(path)
+
+
+class PersistentHashes:
+    """sha256 of big files (model checkpoints) remembered across runs, by ``(path, size, mtime_ns)``.
+
+    Hashing a 2-7 GB checkpoint takes seconds, so a daemon start must not pay it again for a file that has
+    not changed. The table is a small JSON file in the user cache folder (``hashes.json``), read once,
+    rewritten atomically after each new hash, bounded to :attr:`MAX_ENTRIES` (oldest dropped). A missing
+    or damaged table is an empty one: the worst case is hashing again.
+    """
+
+    MAX_ENTRIES = 2000
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._entries: dict[str, list] | None = None
+
+    def _load(self) -> dict[str, list]:
+        if self._entries is None:
+            try:
+                raw = json.loads(self.path.read_text(encoding="utf-8"))
+                self._entries = {k: v for k, v in raw.items() if isinstance(v, list) and len(v) == 3} if isinstance(
+                    raw, dict) else {}
+            except (OSError, ValueError):
+                self._entries = {}
+        return self._entries
+
+    def get(self, path: Path | str, st: os.stat_result) -> str | None:
+        with self._lock:
+            found = self._load().get(os.path.abspath(path))
+        if found and found[0] == st.st_size and found[1] == st.st_mtime_ns and isinstance(found[2], str):
+            return found[2]
+        return None
+
+    def put(self, path: Path | str, st: os.stat_result, digest: str) -> None:
+        from sdrepl.core.atomic import atomic_write_bytes
+
+        with self._lock:
+            entries = self._load()
+            entries.pop(os.path.abspath(path), None)
+            entries[os.path.abspath(path)] = [st.st_size, st.st_mtime_ns, digest]
+            while len(entries) > self.MAX_ENTRIES:
+                del entries[next(iter(entries))]
+            data = json.dumps(entries).encode("utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.path, data)
+        except OSError:  # a cache: failing to remember only costs a hash next time
+            pass
+
+
+def default_persistent_hashes() -> PersistentHashes:
+    """The table in the user cache folder (``SDREPL_CACHE_DIR`` or the platform's)."""
+    from sdrepl.core.tiny import cache_root
+
+    return PersistentHashes(cache_root() / "hashes.json")

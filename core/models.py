@@ -23,7 +23,7 @@ from sdrepl.core import tiny
 from sdrepl.core.devices import dtype_name, resolve_device, resolve_dtype
 from sdrepl.core.embedding import CLIP_G, CLIP_L, SINGLE
 from sdrepl.core.errors import ModelError
-from sdrepl.core.hashing import sha256_file
+from sdrepl.core.model_hash import ModelHasher
 from sdrepl.core.model_spec import looks_like_path, no_such_model
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class LoadedModel:
     dtype: torch.dtype
     native_size: int
     path: Path | None = None
-    _hash: str | None = field(default=None, repr=False)
+    _hasher: ModelHasher | None = field(default=None, repr=False)
 
     @property
     def tokenizer(self):
@@ -74,19 +74,20 @@ class LoadedModel:
 
     @property
     def model_hash(self) -> str:
-        """A1111's ``Model hash``: the first 10 hex digits of the sha256 of the weights file.
+        """A1111's ``Model hash``: the first 10 hex digits of the sha256 of the weights file, or "" while it
+        is still being computed in the background (see ``core/model_hash.py``).
 
         For a folder (and the tiny models) the UNet's weights file stands in for the checkpoint.
         """
-        if self._hash is None:
-            target = self.path
-            if target is not None and target.is_dir():
-                candidates = sorted((target / "unet").glob("diffusion_pytorch_model*.safetensors")) or sorted(
-                    (target / "unet").glob("*.bin")
-                )
-                target = candidates[0] if candidates else None
-            self._hash = sha256_file(target)[:10] if target is not None and target.is_file() else "0" * 10
-        return self._hash
+        return self.hasher.short
+
+    @property
+    def hasher(self) -> ModelHasher:
+        """The model's hash job (created on first use; a big file is hashed in the background)."""
+        if self._hasher is None:
+            self._hasher = ModelHasher(self.path)
+            self._hasher.start()
+        return self._hasher
 
     def describe(self) -> dict[str, object]:
         return {
@@ -175,6 +176,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", config: Pat
     from sdrepl.core.speed import apply_speed
 
     apply_speed(model.pipe, dev, compile=compile)
+    model.hasher  # noqa: B018 - start hashing a big checkpoint now, in the background, not at the first picture
     return model
 
 

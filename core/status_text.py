@@ -37,6 +37,7 @@ def format_status(s: dict[str, Any]) -> str:
          f"{model.get('prediction_type') or 'epsilon'}: {s.get('state')}" if model
          else f"model:      not loaded: {s.get('state')}"),
         f"memory:     {memory}",
+        *([_hash_line(s["model_hash"])] if isinstance(s.get("model_hash"), dict) else []),
         f"embeddings: {emb.get('loaded')} loaded, {emb.get('skipped')} skipped in "
         f"{', '.join(emb.get('folders') or [])}",
         f"queue:      {queue.get('pending')} pending, " + (f"running {queue['running']}" if queue.get("running")
@@ -47,3 +48,16 @@ def format_status(s: dict[str, Any]) -> str:
         f"outputs {s.get('outputs')}",
     ]
     return "\n".join(lines)
+
+
+def _hash_line(h: dict[str, Any]) -> str:
+    """``model hash: abcdef1234``, or the background hashing's progress (pictures made meanwhile have none)."""
+    if h.get("state") == "known":
+        return f"model hash: {h.get('hash')}"
+    if h.get("state") == "hashing":
+        total = h.get("total_mb") or 0
+        done = h.get("done_mb") or 0
+        percent = f" ({100 * done / total:.0f}%)" if total else ""
+        return (f"model hash: computing, {done:g} of {total:g} MB{percent}; pictures made until then carry no "
+                "Model hash")
+    return f"model hash: unavailable ({h.get('error') or 'no weights file'})"

@@ -82,6 +82,7 @@ def status_result(ctx: DaemonContext) -> dict[str, Any]:
         "state": ctx.model_state,
         "model": _live_description(residency),
         "memory": memory_info(model.device if model is not None else None),
+        "model_hash": model.hasher.describe() if model is not None else None,
         "embeddings": {"loaded": ctx.library.counts()[0], "skipped": ctx.library.counts()[1],
                        "folders": [str(f) for f in ctx.library.folders]},
         "loras": ({"loaded": len(ctx.loras.networks()), "skipped": len(ctx.loras.skipped()),

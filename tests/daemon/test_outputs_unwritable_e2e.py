@@ -24,6 +24,8 @@ def test_unwritable_outputs_folder_is_a_write_error(short_tmp: Path) -> None:
     try:
         async def scenario() -> None:
             async with d.client() as c:
+                hashed = (await c.request("status"))["model_hash"]  # tiny's weights are small: known at once
+                assert hashed["state"] == "known" and len(hashed["hash"]) == 10
                 with pytest.raises(RemoteError) as info:
                     await c.request("generate", prompt="x", steps=1, width=64, height=64, seed=1)
                 assert info.value.type_name == "WriteError", info.value.message
