@@ -194,12 +194,12 @@ def main() -> int:
 
     if args.step:
         print(f"\none UNet step (batch 2, 32x32 latents) without LoRA: {base_step * 1000:.0f} ms")
-    print(f"{'step':<16}{'sdrepl':>12}{'diffusers':>12}{'fused':>12}{'x unfused':>11}{'x fused':>9}")
+    print(f"{'step':<16}{'sdrepl':>12}{'diffusers':>12}{'fused':>12}{'x unfused':>11}{'x fused':>12}")
     ok = True
     for step in ("first use", "reuse", "weight change", "switch", *(["step"] if args.step else [])):
         a, b, c = ours[step], theirs[step], fused[step]
         best = b if c != c else min(b, c)  # nan: not applicable
-        fused_text = f"{'-':>12}{'-':>9}" if c != c else f"{c * 1000:>10.2f}ms{c / a:>8.1f}x"
+        fused_text = f"{'-':>12}{'-':>12}" if c != c else f"{c * 1000:>10.2f}ms{c / a:>11.1f}x"
         print(f"{step:<16}{a * 1000:>10.3f}ms{b * 1000:>10.2f}ms{fused_text[:12]}{b / a:>10.1f}x{fused_text[12:]}")
         if step in ("reuse", "weight change") and best / a < 10:
             ok = False
