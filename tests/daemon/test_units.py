@@ -95,7 +95,7 @@ def test_worker_runs_foreground_fifo_and_between_background_steps() -> None:
     try:
         job = CountingJob(30, log)
         worker.set_background(job)
-        time.sleep(0.05)
+        wait_until(lambda: "step" in log)  # the background job is stepping
 
         async def scenario() -> list[int]:
             def item(i: int):
@@ -230,12 +230,10 @@ def test_watcher_falls_back_to_polling(tmp_path: Path) -> None:
 # --- the server in-process: internal errors and events from other threads ---------------------------
 
 
-def test_internal_error_reply_names_the_log_not_the_traceback(tmp_path: Path) -> None:
-    from sdrepl.config import Settings
-    from sdrepl.daemon.client import DaemonClient, RemoteError
-    from sdrepl.daemon.context import DaemonContext
-    from sdrepl.daemon.registry import handler
-    from sdrepl.daemon.server import DaemonServer
+@pytest.fixture
+def test_handlers():
+    """Register the test-only request types, and take them out again after the test."""
+    from sdrepl.daemon.registry import HANDLERS, handler
 
     @handler("_test_boom")
     async def boom(ctx, params, req):
@@ -248,11 +246,23 @@ def test_internal_error_reply_names_the_log_not_the_traceback(tmp_path: Path) ->
         thread.join()
         return {}
 
+    yield
+    for name in ("_test_boom", "_test_thread_event"):
+        HANDLERS.pop(name, None)
+
+
+def serve_in_process(scenario) -> None:
+    """Run ``scenario(client)`` against a server in this process (no model, no library)."""
     import tempfile
+
+    from sdrepl.config import Settings
+    from sdrepl.daemon.client import DaemonClient
+    from sdrepl.daemon.context import DaemonContext
+    from sdrepl.daemon.server import DaemonServer
 
     sock = Path(tempfile.mkdtemp(prefix="sdu-", dir="/tmp")) / "u.sock"
 
-    async def scenario() -> None:
+    async def main() -> None:
         ctx = DaemonContext(Settings(socket=sock), library=None, worker=DeviceWorker(),  # type: ignore[arg-type]
                             loop=asyncio.get_running_loop(), log_hint="/var/log/x.log")
         server = DaemonServer(ctx)
@@ -260,24 +270,42 @@ def test_internal_error_reply_names_the_log_not_the_traceback(tmp_path: Path) ->
         import sdrepl.daemon.handlers  # noqa: F401  (hello)
 
         client = await DaemonClient.connect(sock)
-        got: list[dict] = []
-        client.add_event_listener(got.append)
+        try:
+            await scenario(client)
+        finally:
+            await client.close()
+            server.stop_accepting()
+            await server.close_connections()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        shutil.rmtree(sock.parent, ignore_errors=True)
+
+
+def test_internal_error_reply_names_the_log_not_the_traceback(test_handlers) -> None:
+    from sdrepl.daemon.client import RemoteError
+
+    async def scenario(client) -> None:
         with pytest.raises(RemoteError) as info:
             await client.request("_test_boom")
         assert info.value.type_name == "InternalError"
         assert info.value.message == ("_test_boom: internal error (RuntimeError: kaboom); the traceback is in "
                                       "/var/log/x.log")
-        await client.request("_test_thread_event")
-        await asyncio.sleep(0.05)
-        assert got == [{"type": "event", "event": "hello_from_thread", "n": 1}]
-        await client.close()
-        server.stop_accepting()
-        await server.close_connections()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        shutil.rmtree(sock.parent, ignore_errors=True)
+    serve_in_process(scenario)
+
+
+def test_an_event_broadcast_from_another_thread_reaches_the_client(test_handlers) -> None:
+    async def scenario(client) -> None:
+        got: list[dict] = []
+        client.add_event_listener(got.append)
+        await client.request("_test_thread_event")
+        while not got:  # the event was queued onto the loop before the reply; wait for it, not a fixed time
+            await asyncio.sleep(0.005)
+        assert got == [{"type": "event", "event": "hello_from_thread", "n": 1}]
+
+    serve_in_process(scenario)
 
 
 def test_params_null_means_default() -> None:
