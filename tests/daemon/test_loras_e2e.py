@@ -43,6 +43,20 @@ def daemon():
            torch.zeros(32, 4)}
     save_file(nan, str(loras / "nan.safetensors"))
     shutil.copy(LORA_FIXTURES / "cloneofsimo" / "lora_disney.safetensors", loras / "disney.safetensors")
+    shutil.copy(LORA_FIXTURES / "diffusers-attnproc" / "pytorch_lora_weights.safetensors", loras / "sd15.safetensors")
+    data = (loras / "one.safetensors").read_bytes()
+    (loras / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    import io
+    import os
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    buf = io.BytesIO()
+    torch.save({"x": Evil()}, buf)
+    (loras / "evil.pt").write_bytes(buf.getvalue())
+    save_file({"lora_unet_x.oft_blocks": torch.zeros(2, 4, 4)}, str(loras / "oft.safetensors"))
     (root / "hypernetworks").mkdir()
     hypernetwork_file(root / "hypernetworks" / "hn.pt", (768, 32, 64))
     proc.start()
@@ -70,12 +84,19 @@ def test_listing_shapes_and_skips(daemon):
             assert len(one["hash"]) == 12
             skipped = {Path(s["path"]).name: s["reason"] for s in out["skipped"]}
             assert "0 of 2 keys match this model" in skipped["nomatch.safetensors"]
+            assert "truncated" in skipped["truncated.safetensors"]
+            assert "refused by the safe loader" in skipped["evil.pt"]
+            assert "LyCORIS algorithm OFT" in skipped["oft.safetensors"]
+            assert "0 of 256 keys match this model" in skipped["sd15.safetensors"]  # SD 1.5 UNet widths on tiny
             shown = await c.request("show_lora", name="one")
             assert shown["tags"][0] == {"tag": "cat", "count": 5}
             assert sum(shown["groups"].values()) == shown["keys_matched"]
             emb = await c.request("embeddings")
             bundled = {e["name"]: e for e in emb["embeddings"] if e.get("source")}
             assert set(bundled) == {"s1", "s2"} and bundled["s1"]["source"].endswith("disney.safetensors")
+            made = await c.request("generate", prompt="a <s1> cat", **GEN)
+            ti = parse_parameters(read_png_parameters(made["images"][0]["path"]))["ti_hashes"]
+            assert ti == {"s1": by_name["disney"]["hash"]}  # a bundled embedding's hash is its LoRA's
     run(scenario())
 
 

@@ -85,12 +85,13 @@ def test_scripted_json_session():
     try:
         proc.start(cwd=root)
         script = ("!loras\n!show lora:one\n!tokens a cat <lora:one:0.7>\n"
-                  "a cat <lora:one:0.7> --steps 2 --size 64x64 --seed 3\na cat <lora:onne>\n")
+                  "a cat <lora:one:0.7> --steps 2 --size 64x64 --seed 3\na cat <lora:onne>\n!hypernetworks\n")
         done = subprocess.run([sys.executable, "-m", "sdrepl", *proc.settings.daemon_args(), "--json"], input=script,
                               text=True, capture_output=True, cwd=root, timeout=240)
         out = [json.loads(line) for line in done.stdout.splitlines()]
-        assert len(out) == 5, done.stderr
-        loras, show, tokens, gen, bad = out
+        assert len(out) == 6, done.stderr
+        loras, show, tokens, gen, bad, hyper = out
+        assert hyper["hypernetworks"] == [] and hyper["skipped"] == []
         assert [n["name"] for n in loras["loras"]] == ["one"]
         assert set(loras["loras"][0]) >= {"name", "path", "format", "rank", "base", "keys", "keys_matched", "hash"}
         assert [Path(s["path"]).name for s in loras["skipped"]] == ["broken.safetensors"]
