@@ -116,9 +116,12 @@ class TrainingJob:
                     if self.trainer.prepare_step():
                         return True
                     self._times.append((time.monotonic(), self.trainer.step_count))
+                    self._publish()
                     self._set_state("running")
                     return True
                 self.trainer.step()
+                if self.trainer.checkpoint_step == self.trainer.step_count and not self.trainer.finished:
+                    self._publish()
             except TrainingError as exc:
                 self._fail(str(exc))
                 return False
@@ -138,6 +141,20 @@ class TrainingJob:
             if now - self._last_event >= 1.0 / EVENTS_PER_S:
                 self._emit(now)
             return True
+
+    def _publish(self) -> None:
+        """``<name>`` usable while it trains: the latest checkpoint's vectors in its file, in the library.
+
+        At the start (the init vectors) and after every ``--save-every`` checkpoint, the embedding so far is
+        written to its final place (atomically; ``write_final`` keeps the overwrite rules of the run) and
+        handed to the library, so a prompt can try it during the first run. A failure here is logged and
+        the job goes on (the end of the run writes the file again).
+        """
+        try:
+            path = self.trainer.write_final()
+            self.ctx.apply_library_change(self.ctx.library.update_path(path))
+        except Exception as exc:
+            log.warning("training %s: could not publish step %s: %s", self.name, self.trainer.step_count, exc)
 
     def _end(self, state: str) -> None:
         """Finish (done/stopped): checkpoint, final file, library; a failure to write fails the job."""

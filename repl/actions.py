@@ -169,12 +169,21 @@ async def run_convert(session: Session, params: dict[str, Any], started: Started
 async def run_train(session: Session, parsed: dict[str, Any], started: Started) -> Outcome:
     if parsed["sub"] is not None:
         reply = await session.client.request(f"train_{parsed['sub']}")
-        return Outcome(reply, render.job(reply.get("job")))
+        notes = render.job_notes(reply.get("job")) if parsed["sub"] == "status" else ""
+        return Outcome(reply, render.job(reply.get("job")) + notes)
     params = resolve_paths(parsed["params"], session.cwd)
-    reply = await session.client.request("train", **params)
-    if params.get("wait"):
-        return Outcome(reply, render.trained(reply))
-    return Outcome(reply, render.job(reply.get("job")) + "  (!train status to follow it)")
+    if not params.get("wait"):
+        reply = await session.client.request("train", **params)
+        return Outcome(reply, render.job(reply.get("job")) + "  (!train status to follow it)"
+                       + render.job_notes(reply.get("job")))
+    try:
+        reply = await session.client.request("train", **params)
+    except asyncio.CancelledError:
+        # Ctrl-C stops the waiting, not the job: say so (the interactive REPL prints this, not "cancelled").
+        session.cancel_note = (f"stopped waiting; training {params.get('name', '?')} goes on in the daemon "
+                               "(!train status follows it, !train stop stops it)")
+        raise
+    return Outcome(reply, render.trained(reply) + render.job_notes(reply.get("job")))
 
 
 async def run_preprocess(session: Session, params: dict[str, Any], started: Started) -> Outcome:

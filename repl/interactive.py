@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import sys
 import textwrap
 import time
@@ -31,7 +32,7 @@ from sdrepl.repl.history import BlockHistory
 from sdrepl.repl.keys import AbandonBlock, make_key_bindings, quiet_keyboard, sigint_handler
 from sdrepl.repl.lines import LineAssembler, LogicalLine
 from sdrepl.repl.state import ReplState, StateFeed
-from sdrepl.repl.toolbar import BudgetTracker, render_toolbar
+from sdrepl.repl.toolbar import BudgetTracker, render_toolbar, training_part
 
 log = logging.getLogger("sdrepl.repl")
 
@@ -82,6 +83,7 @@ class InteractiveRepl:
         self.executing = False
         self._progress_shown = False
         self._progress_drawn_at = 0.0
+        self._waiting_train = False  # a `!train ... --wait` runs: its progress is drawn instead
         self._terminal = sys.stdout  # the real one: run() patches sys.stdout for output above the prompt
         history = history if history is not None else open_history()
         if session is None:
@@ -137,7 +139,18 @@ class InteractiveRepl:
             app.invalidate()
 
     def _draw_progress(self) -> None:
-        """``generating ━━━━━───── 12/30 (Ctrl-C cancels)`` on one line, at most ~10 times a second."""
+        """``generating ━━━━━───── 12/30 (Ctrl-C cancels)`` on one line, at most ~10 times a second.
+
+        While ``!train ... --wait`` waits, the training job's line (as in the toolbar) takes its place.
+        """
+        if self._waiting_train:
+            part = training_part(self.state)
+            now = time.monotonic()
+            if part is not None and now - self._progress_drawn_at >= 0.1:
+                self._progress_drawn_at = now
+                self._write(f"\r{part[1]}  (Ctrl-C stops waiting; the job goes on)\x1b[K")
+                self._progress_shown = True
+            return
         progress = self.state.progress
         if not progress or progress.get("request") != self.state.running_request:
             return
@@ -318,13 +331,17 @@ class InteractiveRepl:
                 task.cancel()
 
         self.executing = True
+        self._waiting_train = is_train_wait(line.text)
         try:
             with sigint_handler(on_sigint), quiet_keyboard():
                 return await task
         except asyncio.CancelledError:
             if not interrupted:
                 raise
-            self.emit("cancelled")
+            note = getattr(self.session, "cancel_note", None)
+            if note:
+                self.session.cancel_note = None
+            self.emit(note or "cancelled")
             return None
         finally:
             self.executing = False
@@ -377,6 +394,11 @@ def wrap_text(text: str, width: int) -> str:
         out.append(textwrap.fill(line, width, subsequent_indent=indent, break_long_words=False,
                                  break_on_hyphens=False))
     return "\n".join(out)
+
+
+def is_train_wait(text: str) -> bool:
+    """Whether a line is ``!train NAME ... --wait`` (which blocks until the job ends)."""
+    return text.lstrip().lower().startswith("!train ") and re.search(r"(?:^|\s)--wait(?:\s|$)", text) is not None
 
 
 def needs_daemon(text: str) -> bool:

@@ -200,6 +200,11 @@ def model(model: dict[str, Any]) -> str:
     return f"{model.get('model', '?')} ({', '.join(f for f in facts if f)})"
 
 
+def job_notes(job: dict[str, Any] | None) -> str:
+    """The decisions a job took that the user should know (``--batch`` capped, ...), one ``note:`` line each."""
+    return "".join(f"\nnote: {note}" for note in (job or {}).get("notes") or [])
+
+
 def trained(result: dict[str, Any]) -> str:
     emb = result.get("embedding") or {}
     loss = emb.get("final_loss")

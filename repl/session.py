@@ -114,6 +114,8 @@ class Session:
         self.seen: list[str] = []
         self.replay_depth = 0
         self.on_replay_result: Callable[[int, str, LineResult], None] | None = None
+        #: Set by an executor that Ctrl-C interrupted when "cancelled" would mislead (``!train --wait``).
+        self.cancel_note: str | None = None
         self._history = history
 
     def history_lines(self) -> list[str]:

@@ -136,6 +136,12 @@ class Trainer:
         self.wrote_target = False
         self.failed: str | None = None
         self.notes = list(plan.notes)
+        #: The batch size used: ``--batch``, but never more than one epoch's pictures (a batch would
+        #: otherwise hold the same picture twice, and its loss would not be what the user asked for).
+        self.batch = min(opts.batch, len(self.data) * opts.repeats)
+        if self.batch < opts.batch:
+            self.notes.append(f"--batch {opts.batch} is larger than the data set ({len(self.data)} picture(s) x "
+                              f"{opts.repeats} repeat(s)); training with --batch {self.batch}")
         self.log_every = max(1, int(opts.log_every))
         self._pending: list[_Pending] = []
         self._good_vectors = self.vectors.detach().clone()
@@ -286,7 +292,7 @@ class Trainer:
         return fill_filewords(line, words)
 
     def _micro_batch(self) -> torch.Tensor:
-        indices = self.order.take(self.options.batch)
+        indices = self.order.take(self.batch)
         texts = [self._line(i) for i in indices]
         flips = [self.rng.random() < 0.5 for _ in indices] if self.data.flip else [False] * len(indices)
         gen = self.device_generator

@@ -200,3 +200,41 @@ def test_typing_during_a_generation_leaves_a_clean_screen(tmux):
     tmux.keys("C-c")  # clears the buffer, and the toolbar with it
     tmux.wait_for(lambda s: re.search(r"sd> hello", s) is None)
     tmux.keys("!quit", "Enter")
+
+
+# -- item 7: training visible and usable -----------------------------------------------------------
+
+def make_pictures(folder: Path, count: int = 3) -> Path:
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        image = Image.new("RGB", (64, 64), (255, 255, 255))
+        ImageDraw.Draw(image).ellipse([8, 8, 56, 56], fill=(40 * i, 100, 200))
+        image.save(folder / f"{i:03d}-a round shape.png")
+    return folder
+
+
+def test_an_embedding_in_training_is_usable_and_ctrl_c_stops_only_the_wait(repl, daemon):
+    data = make_pictures(daemon.tmp / "shapes")
+    log_dir = daemon.tmp / "tlog"
+    repl.send(f"!train shape --data {data} --steps 100000 --save-every 3 --preview-every 0 --batch 8 "
+              f"--log-dir {log_dir} --wait\r")
+    repl.expect(r"train shape \d+/100000 loss", timeout=120)  # the job's progress, while waiting
+    repl.expect_exact("(Ctrl-C stops waiting; the job goes on)")
+    repl.sendintr()
+    repl.expect_exact("stopped waiting; training shape goes on in the daemon", timeout=30)
+    repl.expect_exact(PROMPT)
+    repl.send("!tokens a photo of <shape>\r")  # usable during its first run
+    repl.expect_exact("embeddings: shape", timeout=30)
+    repl.expect_exact(PROMPT)
+    repl.send("!show shape\r")
+    repl.expect(r"step:\s+([1-9]\d*)", timeout=30)  # a checkpoint's vectors, not the init text's
+    repl.expect_exact(PROMPT)
+    repl.send("!train status\r")
+    repl.expect_exact("training shape: running")
+    repl.expect_exact("--batch 8 is larger than the data set (3 picture(s) x 1 repeat(s)); training with --batch 3")
+    repl.expect_exact(PROMPT)
+    repl.send("!train stop\r")
+    repl.expect_exact("training shape", timeout=60)
+    repl.expect_exact(PROMPT)

@@ -97,7 +97,7 @@ def test_a_queued_request_shows_its_position():
     state.apply_event({"event": "progress", "request": 3, "step": 0, "total": 20, "queued": 2})
     assert state.progress["queued"] == 2
     written = []
-    repl = SimpleNamespace(state=SimpleNamespace(progress=state.progress, running_request=3),
+    repl = SimpleNamespace(state=SimpleNamespace(progress=state.progress, running_request=3), _waiting_train=False,
                            _write=written.append, _progress_shown=False, _progress_drawn_at=0.0)
     InteractiveRepl._draw_progress(repl)
     assert "queued (position 2)" in written[-1]
