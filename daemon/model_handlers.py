@@ -9,6 +9,8 @@ on the current model.
 
 from __future__ import annotations
 
+import asyncio
+
 from sdrepl.daemon.context import DaemonContext
 from sdrepl.daemon.params import Params
 from sdrepl.daemon.protocol import Busy
@@ -29,5 +31,8 @@ async def switch_model(ctx: DaemonContext, params: dict, req: Request) -> dict:
     model = await ctx.residency.switch(spec, by=f"client {client}")
     change = ctx.library.set_encoder_widths(model.encoder_widths, model.label)
     ctx.apply_library_change(change)
+    from sdrepl.daemon.networks import model_switched
+
+    await asyncio.to_thread(model_switched, ctx, model)
     return {"model": ctx.residency.description, "embeddings": {"loaded": len(ctx.library.embeddings()),
                                                                "skipped": len(ctx.library.skipped())}}

@@ -56,6 +56,13 @@ def start_networks(ctx: DaemonContext, model: Any) -> list[Any]:
     return watchers
 
 
+def model_switched(ctx: DaemonContext, model: Any) -> None:
+    """``!model``: index the LoRA files again against the new model (an SD 1.x LoRA is skipped on SDXL and
+    back); the hooks of the old model went with it. Runs in a thread (headers only, hashes cached)."""
+    if ctx.loras is not None:
+        _announce(ctx, "loras", ctx.loras, ctx.loras.set_signature(signature_of(model.pipe, model.family)))
+
+
 def _announce(ctx: DaemonContext, event: str, lib: NetworkLibrary, change: Any) -> None:
     if change:
         ctx.broadcast(event, change=change.describe(), version=lib.version)

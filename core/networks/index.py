@@ -136,6 +136,24 @@ def _peft_config(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+#: addnet hashes by (path, size, mtime_ns): indexing again against another model reads no data bytes.
+_HASHES: dict[tuple[str, int, int], str] = {}
+_HASHES_MAX = 10_000
+
+
+def _cached_hash(path: Path, header: Header) -> str:
+    import os
+
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    found = _HASHES.get(key)
+    if found is None:
+        if len(_HASHES) >= _HASHES_MAX:
+            _HASHES.clear()
+        found = _HASHES[key] = addnet_hash(path, header)
+    return found
+
+
 def index_lora(path: Path, sig: ModelSignature, hash_value: str | None = None) -> LoraInfo:
     """Index one file against a model (see module docstring)."""
     path = Path(path)
@@ -156,7 +174,7 @@ def index_lora(path: Path, sig: ModelSignature, hash_value: str | None = None) -
                                  "its key names are malformed")
     alpha = _alphas(path, header, parsed)
     meta, tags = _metadata(header.metadata)
-    digest = header.metadata.get("sshs_model_hash") or hash_value or addnet_hash(path, header)
+    digest = header.metadata.get("sshs_model_hash") or hash_value or _cached_hash(path, header)
     warnings = list(notes)
     unmatched_keys = total - matched.keys_matched - sum(len(parsed.embeddings[n]) for n in embeddings)
     if unmatched_keys:

@@ -116,3 +116,18 @@ def test_cache_is_bounded(tmp_path, pipe):
     for net in lib.networks():
         lib.deltas(net)
     assert sum(lib.cached(n) for n in lib.networks()) == 1  # only the latest stays over the bound
+
+
+@pytest.mark.slow
+def test_model_switch_rechecks_every_file(tmp_path, pipe):
+    """!model tiny -> tiny-sdxl: the SD 1.x LoRA becomes skipped with both families named, and back."""
+    from sdrepl.core.tiny import build_tiny
+
+    save_file(_pair(kohya_name(*LINEAR)), str(tmp_path / "sd1.safetensors"))
+    lib = lora_library([tmp_path], signature_of(pipe, "sd1"))
+    lib.scan()
+    xl = build_tiny("tiny-sdxl")
+    change = lib.set_signature(signature_of(xl, "sdxl"))
+    assert change.removed == ["sd1"] and "a LoRA for SD 1.x, but the model is SDXL" in lib.skipped()[0].reason
+    change = lib.set_signature(signature_of(pipe, "sd1"))
+    assert change.added == ["sd1"] and lib.skipped() == []
