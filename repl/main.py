@@ -146,7 +146,14 @@ async def connect(settings: Any, *, client_name: str) -> Any:
     serving = (client.hello.get("model") or {}).get("model")
     if serving is not None and not same_model(serving, settings.model):
         print_status(f"the daemon on {settings.socket} serves model {serving}, not {settings.model}; "
-                     "run `sdrepl stop` first to switch models, or use another --socket")
+                     "`!model NAME` switches it, or run `sdrepl stop` first, or use another --socket")
+    try:
+        from sdrepl.repl.mismatch import option_notices
+
+        for line in option_notices(settings, await client.request("status")):
+            print_status(line)
+    except Exception as exc:  # the notices are a courtesy: a daemon that cannot say its status still serves
+        log.warning("could not compare the daemon's options: %s", exc)
     return client
 
 
