@@ -163,6 +163,7 @@ def signature_of(pipe: Any, family: str) -> ModelSignature:
         root = getattr(pipe, attr, None)
         if root is None:
             continue
+        root = getattr(root, "_orig_mod", root)  # a torch.compile'd module: name the original's modules
         ldm = ldm_prefixes(root.config) if component == UNET else {}
         ancestors: list[tuple[frozenset[str], list[str]]] = []
         for name, module in root.named_modules():
@@ -194,6 +195,7 @@ def signature_of(pipe: Any, family: str) -> ModelSignature:
 def resolve_module(pipe: Any, component: str, path: str) -> torch.nn.Module:
     """The live module for a canonical name (the inverse of :func:`signature_of`'s naming)."""
     root = getattr(pipe, PIPE_ATTR[component])
+    root = getattr(root, "_orig_mod", root)
     if component != UNET and hasattr(root, "text_model"):
         root = root.text_model
     return root.get_submodule(path)
