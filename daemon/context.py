@@ -46,6 +46,8 @@ class DaemonContext:
     #: Where tracebacks of internal errors go, as a phrase for error messages ("see ...").
     log_hint: str = "the daemon's log"
     started: float = field(default_factory=time.time)
+    #: ``daemon.workers.WorkerPool`` when ``--device`` names several devices (else None: one worker).
+    pool: Any = None
     #: The TLS listeners' ``host:port`` (``serve --listen``), shown by ``status``.
     listening: list[str] = field(default_factory=list)
     #: ``fn(message)`` sends an event message to every subscribed connection; set by the server (loop only).

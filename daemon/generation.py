@@ -99,23 +99,29 @@ async def generate(ctx: DaemonContext, params: dict, req: Request) -> dict:
 
         queued = time.monotonic()
         started: list[float] = []
-        ahead = ctx.worker.ahead
+        ahead = ctx.worker.ahead if ctx.pool is None else ctx.pool.ahead
         if ahead:  # protocol v2: the client can say "queued (position N)" until the first step arrives
             req.send_event("progress", request=req.id, step=0, total=job.steps * job.n, image=0, images=job.n,
                            queued=ahead)
 
-        def work() -> PendingGeneration:
+        def work(on: Any = model) -> PendingGeneration:
             started.append(time.monotonic())
-            return start_generation(model, ctx.library, job, output_folder(ctx.settings.outputs),
+            return start_generation(on, ctx.library, job, output_folder(ctx.settings.outputs),
                                     cancel_event=req.cancel_event, on_progress=progress, networks=networks)
 
+        worker = None
         try:
-            pending = await ctx.worker.run(work, cancel_event=req.cancel_event, label="generate")
+            if ctx.pool is None:
+                pending = await ctx.worker.run(work, cancel_event=req.cancel_event, label="generate")
+            else:  # --device a,b: the first free device (daemon/workers.py)
+                pending, worker = await ctx.pool.run(work, model, req.cancel_event)
         except NetworkError as exc:
             mark_broken(ctx, networks, exc)
             raise
         # The device is free for the next request now; the reply waits for the writer thread's files.
         result = await asyncio.to_thread(pending.wait)
+    if worker is not None:
+        result["worker"] = worker.label
     result["seed"] = job.seed
     result["random_seed"] = random_seed
     result["queued_s"] = round((started[0] if started else queued) - queued, 4)

@@ -93,6 +93,8 @@ def status_result(ctx: DaemonContext) -> dict[str, Any]:
         "keep_alive_s": ctx.settings.keep_alive,
         "outputs": str(ctx.settings.outputs),  # the daemon's own copies (remote clients get theirs sent)
         "listen": list(ctx.listening),
+        # --device a,b: one entry per worker; training always runs on worker 0
+        "workers": ctx.pool.describe() if ctx.pool is not None else None,
     }
 
 

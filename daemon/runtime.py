@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -172,6 +173,14 @@ def run_daemon(settings: Settings) -> int:
         listeners = prepare_listeners(settings)  # a bad --listen or certificate fails before the model loads
     except SdreplError as exc:
         return _fail(str(exc), 2)
+    from sdrepl.daemon.workers import parse_devices
+
+    try:
+        devices = parse_devices(settings.device)  # --device cuda:0,cuda:1 / all / cpu,cpu: one worker each
+    except SdreplError as exc:
+        return _fail(str(exc), 2)
+    if len(devices) > 1:
+        settings = dataclasses.replace(settings, device=devices[0])  # worker 0: the residency's device
     configure_logging()
     lock = SocketLock(settings.socket)
     try:
@@ -202,7 +211,7 @@ def run_daemon(settings: Settings) -> int:
         box = [model]
         del model
         try:
-            return asyncio.run(_serve(settings, box, listeners))
+            return asyncio.run(_serve(settings, box, listeners, devices[1:]))
         except OSError as exc:  # a folder that cannot be created or watched, a socket that cannot be bound
             log.debug("start-up failed", exc_info=True)
             where = f" ({exc.filename})" if exc.filename else ""
@@ -235,7 +244,7 @@ def _load_initial_model(settings: Settings) -> Any:
     return model
 
 
-async def _serve(settings: Settings, box: list[Any], listeners: Any = None) -> int:
+async def _serve(settings: Settings, box: list[Any], listeners: Any = None, extra_devices: list[str] | None = None) -> int:
     """Serve until shutdown; ``box`` holds the start-up model, which is taken out (see ``run_daemon``)."""
     from sdrepl.core.library import EmbeddingLibrary
     from sdrepl.daemon.context import DaemonContext
@@ -269,6 +278,8 @@ async def _serve(settings: Settings, box: list[Any], listeners: Any = None) -> i
         for warning in change.warnings:
             log.warning("embeddings: %s", warning)
         network_watchers = await asyncio.to_thread(start_networks, ctx, ctx.residency.model)
+        if extra_devices:
+            await _start_workers(ctx, server, settings, extra_devices)
         load_handlers()
         remove_files(settings)  # stale ones: we hold the lock and nobody answered
         await server.listen(settings.socket)
@@ -286,8 +297,28 @@ async def _serve(settings: Settings, box: list[Any], listeners: Any = None) -> i
         for extra in network_watchers:
             extra.stop()
         worker.stop(timeout=1.0)
+        if ctx.pool is not None:
+            ctx.pool.stop(timeout=1.0)
     log.info("stopped")
     return 0
+
+
+async def _start_workers(ctx: Any, server: Any, settings: Settings, devices: list[str]) -> None:
+    """Load the model on every further ``--device`` (one worker thread each; see daemon/workers.py)."""
+    from sdrepl.core.models import load_model
+    from sdrepl.daemon.workers import WorkerPool
+
+    primary = ctx.residency.model
+    pool = WorkerPool(ctx.worker, settings.device)
+    pool.start_model_name = primary.name
+    for device in devices:
+        started = time.monotonic()
+        model = await asyncio.to_thread(load_model, settings.model, device, settings.dtype,
+                                        prediction_type=settings.prediction_type, compile=settings.compile)
+        slot = pool.add(device, model)
+        log.info("worker %s: model %s loaded in %.1f s", slot.label, model.name, time.monotonic() - started)
+    ctx.pool = pool
+    server.admission.workers = pool.size
 
 
 async def _listen_remote(server: Any, settings: Settings, plan: Any) -> None:
@@ -321,6 +352,8 @@ def _install_signals(loop: asyncio.AbstractEventLoop, server: Any, settings: Set
 async def _shutdown(ctx: Any, server: Any, watcher: Any) -> None:
     server.stop_accepting()
     ctx.worker.close()  # queued work replies Cancelled now; only what is running may finish
+    if ctx.pool is not None:
+        ctx.pool.close()
     server.broadcast(protocol.event("shutdown", reason=server.shutdown_reason))
     if ctx.training is not None:
         log.info("asking the training job to checkpoint before stopping")

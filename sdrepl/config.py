@@ -159,7 +159,7 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
                         help="a hypernetwork folder (repeatable; default ./hypernetworks)")
     parser.add_argument("--outputs", type=Path, default=Path(env("SDREPL_OUTPUTS", "outputs")),
                         help="where pictures are written (default ./outputs)")
-    parser.add_argument("--device", default=env("SDREPL_DEVICE", "auto"), help="auto, cuda, cuda:N, mps or cpu")
+    parser.add_argument("--device", default=env("SDREPL_DEVICE", "auto"), help="auto, cuda, cuda:N, mps or cpu; serve: a list (cuda:0,cuda:1) or all for one worker per device")
     parser.add_argument("--dtype", default=env("SDREPL_DTYPE", "auto"), help="auto, fp16, bf16 or fp32")
     parser.add_argument("--prediction-type", default=env("SDREPL_PREDICTION_TYPE") or None,
                         help="epsilon or v_prediction: what the model predicts (default: guessed for single-file "

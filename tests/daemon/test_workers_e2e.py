@@ -1,0 +1,60 @@
+"""One worker per device (issue 16): ``--device cpu,cpu`` serves generations from one queue on two workers."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from daemon_testing import DaemonProcess, make_daemon, run, short_dir
+from PIL import Image
+
+from sdrepl.core.errors import UsageError
+from sdrepl.daemon.workers import parse_devices
+
+
+@pytest.fixture(scope="module")
+def two_workers() -> Iterator[DaemonProcess]:
+    root = short_dir()
+    proc = make_daemon(root, extra_args=["--device", "cpu,cpu"])
+    try:
+        yield proc.start()
+    finally:
+        proc.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_eight_concurrent_generations_use_both_workers(two_workers: DaemonProcess) -> None:
+    async def scenario() -> list[dict]:
+        async with two_workers.client() as client:
+            status = await client.request("status")
+            assert [w["device"] for w in status["workers"]] == ["cpu", "cpu"]
+            requests = [client.request("generate", prompt="a green tree", steps=3, width=64, height=64,
+                                       seed=100 + i % 2) for i in range(8)]
+            return list(await asyncio.gather(*requests))
+
+    results = run(scenario(), timeout=300)
+    workers = [r["worker"] for r in results]
+    assert set(workers) == {"0:cpu", "1:cpu"}, workers  # both used, each request on exactly one
+    pixels: dict[int, list[np.ndarray]] = {}
+    for result in results:
+        (image,) = result["images"]
+        with Image.open(image["path"]) as picture:
+            picture.load()
+            assert picture.size == (64, 64) and "a green tree" in picture.info["parameters"]
+            pixels.setdefault(result["seed"], []).append(np.asarray(picture))
+    assert len({Path(r["images"][0]["path"]) for r in results}) == 8  # no picture overwrote another
+    for seed, same in pixels.items():  # the same seed gives the same picture on either worker
+        assert all(np.array_equal(same[0], other) for other in same[1:]), seed
+
+
+def test_device_lists() -> None:
+    assert parse_devices("cpu,cpu") == ["cpu", "cpu"]
+    assert parse_devices(" cuda:0, cuda:1 ") == ["cuda:0", "cuda:1"]
+    assert parse_devices("auto") == ["auto"]
+    for bad in ("cpu,", "auto,cpu"):
+        with pytest.raises(UsageError):
+            parse_devices(bad)
