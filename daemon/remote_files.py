@@ -26,6 +26,7 @@ from sdrepl.daemon.context import DaemonContext
 from sdrepl.daemon.params import Params
 from sdrepl.daemon.protocol import BadRequest
 from sdrepl.daemon.registry import Request, handler
+from sdrepl.daemon.uploads import folder_for
 
 #: Largest picture sent back (base64 grows it by 4/3; the reply must fit in protocol.MAX_LINE).
 MAX_PICTURE = (protocol.MAX_LINE - 64 * 1024) * 3 // 4
@@ -37,17 +38,22 @@ class RemotePathRefused(SdreplError):
     """A remote client named a path on the daemon's machine (its files are not the client's)."""
 
 
-def refuse_daemon_paths(type_name: str, params: dict[str, Any]) -> None:
-    """Raise :class:`RemotePathRefused` when a remote request names a daemon-side path."""
+def refuse_daemon_paths(type_name: str, params: dict[str, Any], owner: int = 0) -> None:
+    """Raise :class:`RemotePathRefused` when a remote request names a daemon-side path; ``train``'s
+    ``data`` may be an ``upload:<id>`` token of this connection (``owner``), replaced by its folder."""
     for name in DAEMON_PATHS.get(type_name, ()):
         value = params.get(name)
+        if name == "data" and isinstance(value, str) and value.startswith("upload:"):
+            params[name] = folder_for(value, owner)  # data the client sent (daemon/uploads.py)
+            continue
         if value is None or (name == "template" and isinstance(value, str) and os.sep not in value
                              and not value.endswith(".txt")):
             continue  # a built-in template name is no path
         option = "--" + name.replace("_", "-")
         raise RemotePathRefused(
             f"{type_name}: {option} names a path on the daemon's machine, which a remote client may not use; "
-            f"run this on the daemon's machine (over its Unix socket), or copy the files there first")
+            f"run this on the daemon's machine (over its Unix socket), or copy the files there first"
+            + ("; the REPL's `!train NAME --data DIR` sends a local folder for you" if name == "data" else ""))
 
 
 @handler("picture")

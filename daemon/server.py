@@ -31,12 +31,14 @@ from sdrepl.daemon.protocol import BadRequest, Cancelled, InternalError, Unknown
 from sdrepl.daemon.registry import Request, known_types, lookup
 from sdrepl.daemon.remote_files import refuse_daemon_paths
 from sdrepl.daemon.transport import AUTH_TIMEOUT_S, PREAUTH_LINE
+from sdrepl.daemon.uploads import forget as forget_uploads
 
 log = logging.getLogger(__name__)
 
 #: Modules whose ``@handler`` registrations make up the protocol.
 HANDLER_MODULES = ("sdrepl.daemon.handlers", "sdrepl.daemon.generation", "sdrepl.daemon.training_handlers",
-                   "sdrepl.daemon.networks", "sdrepl.daemon.model_handlers", "sdrepl.daemon.remote_files")
+                   "sdrepl.daemon.networks", "sdrepl.daemon.model_handlers", "sdrepl.daemon.remote_files",
+                   "sdrepl.daemon.uploads")
 #: Above this many bytes waiting to be written to one client, the daemon reads no more of its lines.
 PAUSE_READING = 4 * 1024 * 1024
 #: Above this many bytes waiting to be written to one client, its events are dropped (replies never are).
@@ -175,6 +177,7 @@ class Connection:
         finally:
             self.closed = True
             self.cancel_all(abandon=True)
+            forget_uploads(id(self))
             with contextlib.suppress(Exception):
                 self.writer.close()
 
@@ -233,7 +236,7 @@ class Connection:
         try:
             if self.remote:
                 self.rate.take()
-                refuse_daemon_paths(type_name, params)
+                refuse_daemon_paths(type_name, params, id(self))
             admitted = self.server.admission.enter(type_name)  # QueueFull at once; nothing queued
         except SdreplError as exc:
             self.send(protocol.reply_exception(request_id, exc))

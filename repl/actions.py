@@ -172,6 +172,10 @@ async def run_train(session: Session, parsed: dict[str, Any], started: Started) 
         notes = render.job_notes(reply.get("job")) if parsed["sub"] == "status" else ""
         return Outcome(reply, render.job(reply.get("job")) + notes)
     params = resolve_paths(parsed["params"], session.cwd)
+    if getattr(session.client, "remote", False) and "data" in params:  # the daemon cannot read our folders
+        from sdrepl.repl.uploads import upload_folder
+
+        params["data"] = await upload_folder(session.client, Path(params["data"]))
     if not params.get("wait"):
         reply = await session.client.request("train", **params)
         return Outcome(reply, render.job(reply.get("job")) + "  (!train status to follow it)"

@@ -66,6 +66,11 @@ class Connection:
         return self.settings.target
 
     @property
+    def remote(self) -> bool:
+        """Whether the daemon is on another machine (``DaemonClient.remote``)."""
+        return bool(getattr(self.client, "remote", False))
+
+    @property
     def local_outputs(self) -> Any:
         """A remote daemon's pictures land here (``DaemonClient.local_outputs``; None for a local daemon)."""
         return getattr(self.client, "local_outputs", None)

@@ -44,7 +44,7 @@ def remote(fixtures_dir: Path) -> Iterator[DaemonProcess]:
     proc = make_daemon(root, extra_args=["--listen", "127.0.0.1:0", "--max-queue", "1"])
     shutil.copy(fixtures_dir / "a1111" / "EasyNegative.safetensors", proc.embeddings)
     try:
-        proc.start()
+        proc.start(cwd=root)  # where default training logs go
         wait_for_file(proc.settings.remote_connection_file, proc)
         yield proc
     finally:
@@ -236,6 +236,38 @@ def test_queue_full_at_once_and_nothing_queued_lost(remote: DaemonProcess) -> No
             assert again["seed"] == 4
 
     run(scenario())
+
+
+def test_train_data_is_uploaded_from_a_remote_client(remote: DaemonProcess, short_tmp: Path) -> None:
+    """`!train NAME --data DIR` over TLS sends the local folder and trains on it; a daemon path is refused."""
+    data = short_tmp / "pictures"
+    data.mkdir()
+    for i, color in enumerate([(230, 30, 30), (30, 200, 60), (40, 60, 230)]):
+        Image.new("RGB", (64, 64), color).save(data / f"{i:03d}-a square.png")
+        (data / f"{i:03d}-a square.txt").write_text("a red square")
+    (data / ".hidden.png").write_bytes(b"not sent")
+    env = {k: v for k, v in daemon_env().items() if not k.startswith("SDREPL_")}
+    lines = "!train uploaded --data pictures --steps 2 --wait\n!embeddings\n"
+    proc = subprocess.run([sys.executable, "-m", "sdrepl", "--connect", str(remote.settings.remote_connection_file),
+                           "--json", "--socket", str(short_tmp / "none.sock")], input=lines, capture_output=True,
+                          text=True, timeout=300, cwd=short_tmp, env=env)
+    first, second = (json.loads(line) for line in proc.stdout.splitlines())
+    assert first["ok"], (first, proc.stderr, remote.log()[-2000:])
+    assert Path(first["embedding"]["path"]).is_relative_to(remote.embeddings)
+    assert "uploaded" in [e["name"] for e in second["embeddings"]]
+
+    async def scenario() -> None:
+        async with _remote_client(remote) as client:
+            with pytest.raises(RemoteError) as info:  # another connection's upload is not yours
+                await client.request("train", name="x", data="upload:1", steps=2)
+            assert info.value.type_name == "BadRequest" and "not an upload of this connection" in info.value.message
+            begun = await client.request("upload_begin")
+            for name in ("../escape.png", ".hidden.png", "a/b.png", "script.sh"):
+                with pytest.raises(RemoteError):
+                    await client.request("upload_chunk", upload=begun["upload"], name=name, data="", final=True)
+
+    run(scenario())
+    assert not list(short_tmp.parent.glob("escape.png"))
 
 
 class _remote_client:
