@@ -41,7 +41,8 @@ def option_notices(settings: Any, status: dict[str, Any]) -> list[str]:
     if status.get("outputs") and not _same_path(status["outputs"], settings.outputs):
         differ("--outputs", status["outputs"], settings.outputs, "pictures go to the daemon's folder; ")
     model = status.get("model") or {}
-    if settings.device != "auto" and model.get("device") and not _same_device(settings.device, str(model["device"])):
+    several = "," in settings.device or settings.device == "all"  # --device a,b: status names worker 0's
+    if settings.device != "auto" and not several and model.get("device") and not _same_device(settings.device, str(model["device"])):
         differ("--device", model["device"], settings.device)
     if settings.dtype != "auto" and model.get("dtype") and settings.dtype != model["dtype"]:
         differ("--dtype", model["dtype"], settings.dtype)
