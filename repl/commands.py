@@ -63,10 +63,17 @@ def _no_args(name: str) -> Callable[[str], None]:
     return parse
 
 
-def _embedding_name(text: str, usage: str) -> str:
+def _embedding_name(text: str, usage: str, *, qualified: bool = False) -> str:
+    """A name as typed (``<name>`` works); with ``qualified``, ``folder/name`` too (an existing embedding
+    whose trigger collides is reached by it: ``!show negatives/bad-hands-5``)."""
     name = text.strip().strip("<>")
     if not name:
         raise UsageError(f"missing NAME; usage: {usage}")
+    if qualified and "/" in name.strip("/"):
+        parts = name.strip("/").split("/")
+        problem = next((p for p in map(name_problem, parts) if p is not None), None)
+        if problem is None:
+            return "/".join(parts)
     problem = name_problem(name)  # the one rule, core/names.py (the daemon checks it again)
     if problem is not None:
         raise UsageError(f"{visible(repr(name))} is not a usable embedding name ({problem}): one word, no slashes "
@@ -101,7 +108,7 @@ def parse_show(args: str) -> str:
         if not name or any(c in name for c in "<>:"):
             raise UsageError("missing LoRA NAME; usage: !show lora:NAME")
         return "lora:" + name
-    return _embedding_name(args, "!show NAME")
+    return _embedding_name(args, "!show NAME", qualified=True)
 
 
 def parse_tokens(args: str) -> GenerationLine:
@@ -175,7 +182,7 @@ CONVERT_OPTIONS = (
 def parse_convert(args: str) -> dict[str, Any]:
     usage = "!convert NAME --to safetensors|pt|diffusers [--overwrite]"
     head, values = split_options(args, CONVERT_OPTIONS, where="!convert")
-    name = _embedding_name(head, usage)
+    name = _embedding_name(head, usage, qualified=True)
     if "to" not in values:
         raise UsageError(f"!convert {name}: --to is required; usage: {usage}")
     return {"name": name, "to": values["to"], "overwrite": bool(values.get("overwrite", False))}

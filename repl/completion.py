@@ -162,6 +162,25 @@ def embedding_meta(emb: dict[str, Any]) -> str:
     return " · ".join(parts) or "new"
 
 
+def menu_names(embeddings: list[dict[str, Any]], *, qualified: bool = False) -> list[tuple[str, dict[str, Any]]]:
+    """``(what to insert, embedding)`` per embedding: its trigger, or its ``folder/name`` when the trigger
+    is shared by another file (the menu never lists a name twice without telling them apart) or when the
+    user is typing a folder (``<negatives/``)."""
+    counts: dict[str, int] = {}
+    for emb in embeddings:
+        counts[str(emb["name"]).lower()] = counts.get(str(emb["name"]).lower(), 0) + 1
+    out = []
+    for emb in embeddings:
+        name, full = str(emb["name"]), str(emb.get("qualified") or emb["name"])
+        if qualified or counts[name.lower()] > 1:
+            out.append((full, emb))
+            if qualified and full != name and counts[name.lower()] == 1:
+                out.append((name, emb))
+        else:
+            out.append((name, emb))
+    return out
+
+
 class EmbeddingCompleter(Completer):
     """``<bir`` -> ``<birb-style>`` anywhere in a line; the whole ``<...`` fragment is replaced."""
 
@@ -174,9 +193,9 @@ class EmbeddingCompleter(Completer):
             return
         fragment = match.group(1)
         by_name = {}
-        for emb in self.get_embeddings():
-            if not _non_utf8(str(emb["name"])):  # a prompt must be UTF-8 text
-                by_name.setdefault(emb["name"], emb)
+        for label, emb in menu_names(self.get_embeddings(), qualified="/" in fragment):
+            if not _non_utf8(label):  # a prompt must be UTF-8 text
+                by_name.setdefault(label, emb)
         closing = 1 if document.text_after_cursor.startswith(">") else 0
         for name in rank(fragment, by_name):
             yield Completion(f"<{name}>"[: len(name) + 2 - closing], start_position=-len(fragment) - 1,

@@ -123,8 +123,10 @@ def embeddings(result: dict[str, Any]) -> str:
     loaded = result.get("embeddings") or []
     lines: list[str] = []
     if loaded:
+        shared = _shared_names(loaded)
         rows = [
-            [visible(e.get("name")), str(e.get("vectors", "?")), _width(e.get("width")),
+            [visible(e.get("qualified") if str(e.get("name")).lower() in shared and e.get("qualified")
+                     else e.get("name")), str(e.get("vectors", "?")), _width(e.get("width")),
              visible(e.get("format") or "-"),
              visible(Path(str(e.get("source"))).name + " (LoRA)" if e.get("source") else Path(str(e.get("path") or "-")).name),
              "-" if e.get("step") is None else visible(e.get("step")), visible(_short_hash(e.get("hash")))]
@@ -143,6 +145,15 @@ def embeddings(result: dict[str, Any]) -> str:
 
 def _file_name(path: Any) -> str:
     return visible(Path(str(path)).name)
+
+
+def _shared_names(loaded: list[dict[str, Any]]) -> set[str]:
+    """Triggers two loaded files share: those rows show ``folder/name`` (what reaches each one)."""
+    seen: dict[str, int] = {}
+    for emb in loaded:
+        key = str(emb.get("name")).lower()
+        seen[key] = seen.get(key, 0) + 1
+    return {key for key, count in seen.items() if count > 1}
 
 
 def _width(width: Any) -> str:

@@ -55,7 +55,7 @@ def test_show_strips_angle_brackets():
     assert parse("!show <bad-hands-5>") == "bad-hands-5"
 
 
-@pytest.mark.parametrize("line", ["!show", "!show two words", "!show a/b"])
+@pytest.mark.parametrize("line", ["!show", "!show two words", "!show a/../b", "!show /"])
 def test_show_needs_one_name(line):
     with pytest.raises(UsageError, match="!show NAME"):
         parse(line)
