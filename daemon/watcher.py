@@ -18,7 +18,7 @@ temporaries of :mod:`sdrepl.core.atomic` are ignored.
 **Bursts are batched.** Events are queued by the observer thread and applied by one processing thread
 of this module: everything queued when it wakes is one batch, split into runs of the same kind (updates,
 removals; order between runs is kept, so a late event never undoes a newer one), each run one library
-call of at most :data:`BATCH_MAX` paths and one change for the clients. 2,000 files copied in at once are
+call of about :data:`COMMIT_S` of reading (at most :data:`BATCH_MAX` paths) and one change for the clients. 2,000 files copied in at once are
 a handful of library calls, not 2,000 rebuilds, and a file dropped while a big folder fills waits only
 for the batch in progress.
 
@@ -65,8 +65,11 @@ QUIET_S = 0.2
 MAX_WAIT_S = 2.0
 #: Settle time for a created file (complete when moved in from outside; else a close follows soon).
 CREATED_SETTLE_S = 0.05
-#: Most paths in one library call (bounds the work before the next change goes out, and its event's size).
+#: Most and fewest paths in one library call (bounds the work before the next change goes out, and its
+#: event's size); between them, as many as take about COMMIT_S to read.
 BATCH_MAX = 500
+BATCH_MIN = 8
+COMMIT_S = 0.025
 #: What the watcher asks inotify for: no open/close-without-write events (the library's own reads).
 EVENT_FILTER = [FileClosedEvent, FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, FileDeletedEvent,
                 DirDeletedEvent, FileMovedEvent, DirMovedEvent]
@@ -116,6 +119,7 @@ class FolderWatcher:
         #: Paths handed to the library, and library calls made (for tests and the benchmark).
         self.processed = 0
         self.calls = 0
+        self._per_path = 0.001  # seconds per path of the last library calls (sizes the next one)
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -236,8 +240,16 @@ class FolderWatcher:
                     wait = min((when for _, when in self._debounce.values()), default=now + 60.0) - now
                     self._cond.wait(max(wait, 0.001))
             for op, paths in _runs(batch):
-                for start in range(0, len(paths), BATCH_MAX):
-                    self._process(op, paths[start : start + BATCH_MAX])
+                start = 0
+                while start < len(paths):
+                    # About COMMIT_S of reading per library call: a file becomes visible soon after it was
+                    # read, not after the whole backlog of a burst was (the cost per path is measured).
+                    size = max(BATCH_MIN, min(BATCH_MAX, int(COMMIT_S / max(self._per_path, 1e-6))))
+                    chunk = paths[start : start + size]
+                    began = time.monotonic()
+                    self._process(op, chunk)
+                    self._per_path = 0.7 * self._per_path + 0.3 * (time.monotonic() - began) / len(chunk)
+                    start += len(chunk)
 
     def _process(self, op: str, paths: list[str]) -> None:
         batch = getattr(self.library, "remove_paths" if op == "remove" else "update_paths", None)
