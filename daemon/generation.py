@@ -20,6 +20,7 @@ from sdrepl.core.outputs import output_folder
 from sdrepl.core.plan_budget import scheduled_prompt_budget
 from sdrepl.core.prompt import MAX_COMMA_WINDOW, emphasis_mode
 from sdrepl.core.samplers import DEFAULT_SAMPLER, find_sampler
+from sdrepl.daemon.client_outputs import client_outputs
 from sdrepl.daemon.context import DaemonContext
 from sdrepl.daemon.networks import mark_broken, plan_for
 from sdrepl.daemon.params import Params
@@ -80,6 +81,8 @@ def parse_job(params: dict, native_size: int | None = None, settings: Any = None
 @handler("generate")
 async def generate(ctx: DaemonContext, params: dict, req: Request) -> dict:
     received = time.monotonic()
+    params = dict(params)
+    outputs = client_outputs(ctx, params.pop("outputs", None), remote=getattr(req.connection, "remote", False))
     parse_job(params, 8, ctx.settings)  # reject bad parameters before waiting for a model keep-alive unloaded
     assert ctx.residency is not None
     async with ctx.residency.using() as model:
@@ -106,7 +109,7 @@ async def generate(ctx: DaemonContext, params: dict, req: Request) -> dict:
 
         def work(on: Any = model) -> PendingGeneration:
             started.append(time.monotonic())
-            return start_generation(on, ctx.library, job, output_folder(ctx.settings.outputs),
+            return start_generation(on, ctx.library, job, output_folder(outputs),
                                     cancel_event=req.cancel_event, on_progress=progress, networks=networks)
 
         worker = None

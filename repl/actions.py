@@ -99,6 +99,9 @@ def prompt_settings(defaults: Any, line: Any = None) -> dict[str, Any]:
 
 async def run_generate(session: Session, line: GenerationLine, started: Started) -> Outcome:
     params = generation_params(line, session.defaults)
+    settings = getattr(session.client, "settings", None)  # a repl.connection.Connection knows --outputs
+    if settings is not None and not getattr(session.client, "remote", False):
+        params["outputs"] = str(Path(settings.outputs).expanduser().absolute())  # this client's folder
     request_id, future = session.client.start("generate", **params)
     if started is not None:
         started(request_id)

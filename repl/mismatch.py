@@ -1,8 +1,8 @@
 """What a client asked for that the running daemon does not do, in one line per option.
 
 One daemon serves every client on its socket, with the options it was started with. A client started
-with other ``--model``, ``--embeddings``, ``--outputs``, ``--device``, ``--dtype`` or ``--keep-alive``
-values cannot change them by connecting: it is told, with both values and how to switch, instead of
+with other ``--model``, ``--embeddings``, ``--device``, ``--dtype`` or ``--keep-alive`` values cannot
+change them by connecting (``--outputs`` it can: each generation names the client's folder): it is told, with both values and how to switch, instead of
 silently getting the daemon's (issue 11, item 4). ``!model`` switches the model without a restart.
 """
 
@@ -38,8 +38,6 @@ def option_notices(settings: Any, status: dict[str, Any]) -> list[str]:
     if folders is not None and (len(folders) != len(asked_folders)
                                 or not all(_same_path(a, b) for a, b in zip(folders, asked_folders, strict=True))):
         differ("--embeddings", ", ".join(folders) or "none", ", ".join(asked_folders))
-    if status.get("outputs") and not _same_path(status["outputs"], settings.outputs):
-        differ("--outputs", status["outputs"], settings.outputs, "pictures go to the daemon's folder; ")
     model = status.get("model") or {}
     several = "," in settings.device or settings.device == "all"  # --device a,b: status names worker 0's
     if settings.device != "auto" and not several and model.get("device") and not _same_device(settings.device, str(model["device"])):

@@ -191,6 +191,22 @@ def test_a_second_clients_queued_request_learns_its_position(daemon: DaemonProce
     run(scenario())
 
 
+def test_a_client_names_its_own_outputs_folder(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """Protocol v2: ``generate`` ``outputs`` writes where the client asked, if it may write there."""
+    async def scenario() -> None:
+        async with daemon.client() as c:
+            mine = tmp_path / "my outputs"
+            result = await c.request("generate", prompt="a cat", seed=3, outputs=str(mine), **TINY)
+            assert Path(result["images"][0]["path"]).parent.parent == mine
+            for bad, fragment in ((str(daemon.embeddings / "pics"), "inside the watched folder"),
+                                  ("relative/out", "absolute path"), ("/proc/sdrepl-no", "cannot")):
+                with pytest.raises(RemoteError) as info:
+                    await c.request("generate", prompt="a cat", outputs=bad, **TINY)
+                assert info.value.type_name == "BadRequest" and fragment in info.value.message
+
+    run(scenario())
+
+
 def test_generation_metadata_seeds_and_numbering(daemon: DaemonProcess) -> None:
     async def scenario() -> None:
         async with daemon.client() as c:

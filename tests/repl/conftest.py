@@ -29,7 +29,7 @@ TOKENS = {"count": 5, "limit": 75, "chunks": 1, "embeddings": ["bad-hands-5"], "
 def generate_reply(params: dict[str, Any]) -> dict[str, Any]:
     """A picture per ``n``, after the daemon's own parameter validation (``core.limits``: one table)."""
     try:
-        parse_job(params)
+        parse_job({k: v for k, v in params.items() if k != "outputs"})
     except BadRequest as exc:
         raise RemoteError("BadRequest", str(exc)) from None
     seed = 1234 if params.get("seed") is None else params["seed"]
