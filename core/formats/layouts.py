@@ -158,8 +158,8 @@ def recognise(
     if any(k.startswith("bundle_emb.") for k in obj):
         raise EmbeddingError(
             path,
-            "this is a LoRA with bundled embeddings (bundle_emb.* keys); loading embeddings from LoRA bundles "
-            "is not supported yet: keep LoRA files out of the embeddings folder",
+            "this is a LoRA with bundled embeddings (bundle_emb.* keys); put it in a LoRA folder (--loras, "
+            "default ./loras): its embeddings are usable from there while the file is in it",
         )
     if "emb_params" in obj:
         _reject_extra_tensors(obj, {"emb_params"}, path, "An emb_params")

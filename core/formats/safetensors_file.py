@@ -155,8 +155,8 @@ def read_safetensors(path: Path, data: bytes, limits: Limits = EMBEDDING_LIMITS)
     if any(name.startswith("bundle_emb.") for name in header):
         raise EmbeddingError(
             path,
-            "this is a LoRA with bundled embeddings (bundle_emb.* keys); loading embeddings from LoRA "
-            "bundles is not supported yet: keep LoRA files out of the embeddings folder",
+            "this is a LoRA with bundled embeddings (bundle_emb.* keys); put it in a LoRA folder (--loras, "
+            "default ./loras): its embeddings are usable from there while the file is in it",
         )
     check_limits(path, header, limits)
     tensors, meta = load_safetensors_file(path, data, limits)

@@ -131,3 +131,15 @@ def test_model_switch_rechecks_every_file(tmp_path, pipe):
     assert change.removed == ["sd1"] and "a LoRA for SD 1.x, but the model is SDXL" in lib.skipped()[0].reason
     change = lib.set_signature(signature_of(pipe, "sd1"))
     assert change.added == ["sd1"] and lib.skipped() == []
+
+
+def test_kohya_bundled_embedding(tmp_path, pipe):
+    """A1111 1.7+ ``bundle_emb.<name>.string_to_param.*`` keys: an embedding of the LoRA, every key accounted for."""
+    vectors = torch.randn(2, 768)
+    save_file({**_pair(kohya_name(*LINEAR)), "bundle_emb.mystyle.string_to_param.*": vectors},
+              str(tmp_path / "withemb.safetensors"))
+    lib = lora_library([tmp_path], signature_of(pipe, "sd1"))
+    lib.scan()
+    info = lib.get("withemb").info
+    assert info.keys_matched == info.keys == 4 and info.warnings == ()
+    assert torch.equal(info.embeddings["mystyle"].vectors["text_encoder"], vectors)
