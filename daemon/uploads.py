@@ -37,6 +37,8 @@ CHUNK_BYTES = 4 * 1024 * 1024
 #: Uploads a connection may hold at once.
 MAX_PER_CONNECTION = 4
 ALLOWED_SUFFIXES = IMAGE_SUFFIXES | {".txt"}
+#: What ``!push`` sends: an embedding or LoRA file (containers the readers know).
+PUSH_SUFFIXES = frozenset({".pt", ".safetensors", ".bin", ".ckpt", ".png", ".webp"})
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Upload:
     names: set[str] = field(default_factory=set)
     current: str | None = None
     current_bytes: int = 0
+    kind: str = "training"
 
 
 _UPLOADS: dict[str, Upload] = {}
@@ -65,12 +68,17 @@ def _root() -> Path:
     return _ROOT[0]
 
 
-def check_name(name: str) -> str:
-    """A flat file name of a training folder (a picture or a caption), or BadRequest."""
+def check_name(name: str, kind: str = "training") -> str:
+    """A flat file name of a training folder (a picture or a caption; a pushed file for ``push``), or BadRequest."""
     if (not name or "/" in name or "\\" in name or "\0" in name or name.startswith(".")
             or len(os.fsencode(name)) > 255):
         raise BadRequest(f"upload: {name!r} is not a file name of a training folder (no folders, no hidden "
                          "files, at most 255 bytes)")
+    if kind == "push":
+        if Path(name).suffix.lower() not in PUSH_SUFFIXES:
+            raise BadRequest(f"upload: {name!r}: !push sends embedding or LoRA files "
+                             f"({', '.join(sorted(PUSH_SUFFIXES))})")
+        return name
     if Path(name).suffix.lower() not in ALLOWED_SUFFIXES:
         raise BadRequest(f"upload: {name!r}: only pictures ({', '.join(sorted(IMAGE_SUFFIXES))}) and .txt "
                          "captions are sent")
@@ -85,9 +93,19 @@ def _owned(token: str, owner: int) -> Upload:
     return upload
 
 
+def sealed(token: str, owner: int) -> Upload:
+    """A finished upload of this connection (BadRequest otherwise)."""
+    upload = _owned(token, owner)
+    if not upload.sealed:
+        raise BadRequest(f"upload {token!r} is not finished (upload_end); send the file again")
+    return upload
+
+
 def folder_for(token: str, owner: int) -> str:
     """The daemon-side folder of a sealed upload, for ``train``'s ``data`` (marks it used)."""
     upload = _owned(token, owner)
+    if upload.kind != "training":
+        raise BadRequest(f"upload {token!r} was sent for !push, not as training data")
     if not upload.sealed:
         raise BadRequest(f"upload {token!r} is not finished (upload_end); send the folder again")
     upload.used = True
@@ -104,13 +122,15 @@ def forget(owner: int) -> None:
 
 @handler("upload_begin")
 async def upload_begin(ctx: DaemonContext, params: dict, req: Request) -> dict:
-    Params(params, "upload_begin").finish()
+    p = Params(params, "upload_begin")
+    kind = p.text("kind", "training", choices=("training", "push"))
+    p.finish()
     owner = id(req.connection)
     if sum(1 for u in _UPLOADS.values() if u.owner == owner and not u.used) >= MAX_PER_CONNECTION:
         raise BadRequest(f"upload_begin: this connection already holds {MAX_PER_CONNECTION} unused uploads")
     key = str(next(_IDS))
     folder = Path(tempfile.mkdtemp(prefix=f"u{key}-", dir=_root()))
-    _UPLOADS[key] = Upload(key, folder, owner)
+    _UPLOADS[key] = Upload(key, folder, owner, kind=kind)
     return {"upload": f"upload:{key}", "limits": {"files": MAX_FILES, "file_bytes": MAX_FILE_BYTES,
                                                   "bytes": MAX_UPLOAD_BYTES, "chunk_bytes": CHUNK_BYTES}}
 
@@ -120,11 +140,14 @@ async def upload_chunk(ctx: DaemonContext, params: dict, req: Request) -> dict:
     """Append a chunk to file ``name`` (files one after the other; ``final`` closes the file)."""
     p = Params(params, "upload_chunk")
     token = p.text("upload")
-    name = check_name(p.text("name"))
+    name_text = p.text("name")
     data_text = p.text("data", "")
     final = p.flag("final", False)
     p.finish()
     upload = _owned(token, id(req.connection))
+    name = check_name(name_text, upload.kind)
+    if upload.kind == "push" and upload.names and name not in upload.names:
+        raise BadRequest("upload_chunk: a push upload holds one file")
     if upload.sealed:
         raise BadRequest(f"upload_chunk: {token} is finished; begin a new upload")
     if len(data_text) > (CHUNK_BYTES * 4) // 3 + 4:

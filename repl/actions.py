@@ -167,6 +167,15 @@ async def run_convert(session: Session, params: dict[str, Any], started: Started
     return Outcome(reply, f"wrote {reply.get('path', '?')}")
 
 
+async def run_push(session: Session, params: dict[str, Any], started: Started) -> Outcome:
+    from sdrepl.repl.uploads import push_file
+
+    reply = await push_file(session.client, session.resolve(params["path"]), params["kind"], params["overwrite"])
+    verb = "replaced" if reply.get("overwritten") else "wrote"
+    return Outcome(reply, f"{verb} {reply.get('path', '?')} on the daemon ({reply.get('kind')} "
+                          f"{reply.get('name')!r}; the watcher loads it)")
+
+
 # -- training -----------------------------------------------------------------------------------------
 
 async def run_train(session: Session, parsed: dict[str, Any], started: Started) -> Outcome:

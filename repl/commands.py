@@ -188,6 +188,20 @@ def parse_convert(args: str) -> dict[str, Any]:
     return {"name": name, "to": values["to"], "overwrite": bool(values.get("overwrite", False))}
 
 
+PUSH_OPTIONS = (
+    Option("lora", ("--lora",)),
+    Option("overwrite", ("--overwrite",)),
+)
+
+
+def parse_push(args: str) -> dict[str, Any]:
+    """``!push FILE [--lora] [--overwrite]``: a local embedding (or LoRA) file into the daemon's folder."""
+    usage = "!push FILE [--lora] [--overwrite]"
+    head, values = split_options(args, PUSH_OPTIONS, where="!push")
+    return {"path": _path_arg(head, usage), "kind": "lora" if values.get("lora") else "embedding",
+            "overwrite": bool(values.get("overwrite", False))}
+
+
 def parse_model(args: str) -> str | None:
     """``!model`` (show) or ``!model NAME|PATH`` (switch); the daemon validates it as ``--model``."""
     text = args.strip()
@@ -284,6 +298,11 @@ COMMANDS: tuple[Command, ...] = (
             "Writes embedding NAME beside the original as safetensors, an A1111 .pt, or a diffusers "
             "learned_embeds.bin folder. The original is kept; an existing output needs --overwrite.",
             parse_convert, actions.run_convert),
+    Command("push", "!push FILE [--lora] [--overwrite]", "send an embedding or LoRA file to the daemon",
+            "Sends FILE (on this machine) into the daemon's first embeddings folder (--lora: its LoRA folder), "
+            "also when the daemon runs on another machine. It is read and checked there as the library reads "
+            "files, then published atomically; an existing file is kept unless --overwrite.",
+            parse_push, actions.run_push),
     Command("fetch", "!fetch IMAGE.png", "the command that made a picture",
             "Reads the A1111 parameters text of a picture (sdrepl's or AUTOMATIC1111's) and rebuilds the "
             "generation line that makes it again: prompt, --neg, --steps, --cfg, --seed, --size, --sampler. "

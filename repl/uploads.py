@@ -42,9 +42,22 @@ def files_to_send(folder: Path, limits: dict[str, int]) -> list[Path]:
 async def upload_folder(client: Any, folder: Path) -> str:
     """Send ``folder`` to the daemon; the ``upload:<id>`` token ``train``'s ``data`` takes."""
     begun = await client.request("upload_begin")
+    return await _send(client, begun, files_to_send(folder, begun["limits"]))
+
+
+async def push_file(client: Any, path: Path, kind: str, overwrite: bool) -> dict[str, Any]:
+    """``!push``: send one file as a push upload, then ask the daemon to check and publish it."""
+    if not path.is_file():
+        raise UsageError(f"!push {path}: no such file here; give an embedding or LoRA file")
+    begun = await client.request("upload_begin", kind="push")
+    token = await _send(client, begun, [path])
+    return await client.request("push", upload=token, kind=kind, overwrite=overwrite)
+
+
+async def _send(client: Any, begun: dict[str, Any], files: list[Path]) -> str:
     token, limits = begun["upload"], begun["limits"]
     chunk = int(limits["chunk_bytes"])
-    for path in files_to_send(folder, limits):
+    for path in files:
         try:
             with open_regular_file(path, int(limits["file_bytes"])) as (fh, st):
                 left = st.st_size
@@ -57,6 +70,6 @@ async def upload_folder(client: Any, folder: Path) -> str:
                     if final:
                         break
         except UnsafeFile as exc:
-            raise UsageError(f"!train --data: {path.name}: {exc.reason}") from None
+            raise UsageError(f"{path}: {exc.reason}") from None
     done = await client.request("upload_end", upload=token)
     return str(done["data"])

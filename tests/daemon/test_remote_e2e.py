@@ -270,6 +270,36 @@ def test_train_data_is_uploaded_from_a_remote_client(remote: DaemonProcess, shor
     assert not list(short_tmp.parent.glob("escape.png"))
 
 
+def test_push_lands_in_the_watched_folder_after_checking(remote: DaemonProcess, A1111: Path, short_tmp: Path) -> None:
+    from sdrepl.repl.uploads import push_file
+
+    shutil.copy(A1111 / "EasyNegative.safetensors", short_tmp / "pushed-neg.safetensors")
+    (short_tmp / "broken.pt").write_bytes(b"PK\x03\x04 not a torch file")
+
+    async def scenario() -> None:
+        async with _remote_client(remote) as client:
+            events = EventLog(client)
+            reply = await push_file(client, short_tmp / "pushed-neg.safetensors", "embedding", False)
+            assert Path(reply["path"]) == remote.embeddings / "pushed-neg.safetensors"
+            await events.wait_for(lambda e: e.get("event") == "embeddings"
+                                  and "pushed-neg" in e["change"]["added"], timeout=15.0)
+            with pytest.raises(RemoteError, match="already exists"):  # never overwritten unasked
+                await push_file(client, short_tmp / "pushed-neg.safetensors", "embedding", False)
+            assert (await push_file(client, short_tmp / "pushed-neg.safetensors", "embedding", True))["overwritten"]
+            with pytest.raises(RemoteError, match="not a usable embedding"):
+                await push_file(client, short_tmp / "broken.pt", "embedding", False)
+
+    run(scenario())
+    assert not (remote.embeddings / "broken.pt").exists()
+    env = {k: v for k, v in daemon_env().items() if not k.startswith("SDREPL_")}
+    shutil.copy(A1111 / "EasyNegative.safetensors", short_tmp / "typed-push.safetensors")
+    proc = subprocess.run([sys.executable, "-m", "sdrepl", "--connect", str(remote.settings.remote_connection_file),
+                           "--json"], input="!push typed-push.safetensors\n", capture_output=True, text=True,
+                          timeout=120, cwd=short_tmp, env=env)
+    (line,) = (json.loads(text) for text in proc.stdout.splitlines())
+    assert line["ok"] and (remote.embeddings / "typed-push.safetensors").exists(), (line, proc.stderr)
+
+
 class _remote_client:
     def __init__(self, proc: DaemonProcess) -> None:
         self.proc = proc
@@ -292,6 +322,22 @@ def test_listen_refuses_anything_weaker_than_tls(short_tmp: Path) -> None:
                           capture_output=True, text=True, timeout=60, env=daemon_env())
     assert proc.returncode == 2 and "--tls-key" in proc.stderr, proc.stderr
     assert not (short_tmp / "s.sock").exists()
+
+
+@pytest.mark.slow
+def test_silent_tcp_client_is_disconnected(remote: DaemonProcess) -> None:
+    """An unauthenticated connection that sends nothing is closed after the hello timeout."""
+    sock = raw_tls(endpoint(remote).port)
+    sock.settimeout(60)
+    started = time.monotonic()
+    try:
+        assert sock.recv(100) == b""
+    except (ConnectionError, ssl.SSLError):
+        pass
+    finally:
+        sock.close()
+    assert 8.0 <= time.monotonic() - started < 40.0
+    still_serves(remote)
 
 
 @pytest.mark.slow
