@@ -340,8 +340,9 @@ GENERATION_HELP = (
     "A line that does not start with ! makes pictures. An option's value runs to the next ' --', so no "
     "quoting is needed; write \\-- for a literal '--word' in a prompt. Embeddings are named <name> (or by "
     "their bare name). Options not given come from !set. Also accepted: --negative, --cfg-scale, --width/"
-    "--height, --clip-skip, --seed -1 (random), and InvokeAI's -s -S -C -W -H -A -n. \"\"\" on its own "
-    "line starts a multi-line prompt, closed by \"\"\"."
+    "--height, --clip-skip, --emphasis MODE, --comma-padding-backtrack N, --seed -1 (random), and "
+    "InvokeAI's -s -S -C -W -H -A -n. \"\"\" on its own line starts a multi-line prompt, closed by \"\"\". "
+    "A1111's prompt language works in full: [from:to:when] editing, [a|b] alternation, AND with :weights."
 )
 
 

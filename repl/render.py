@@ -77,8 +77,11 @@ def tokens(result: dict[str, Any]) -> str:
     if result.get("changes") or negative.get("changes"):
         lines.append(f"  the prompt changes during sampling ({result.get('steps', '?')} steps); the count is the "
                      "largest any step uses")
-    for i, part in enumerate(result.get("parts") or [], start=1):
-        lines.append(f"  AND part {i} (weight {part.get('weight', 1.0):g}): {budget(part)}  {part.get('text', '')}")
+    parts = result.get("parts") or []
+    for i, part in enumerate(parts, start=1):
+        label = f"AND part {i} (weight {part.get('weight', 1.0):g})" if len(parts) > 1 else \
+            f"weight {part.get('weight', 1.0):g} (a trailing :number is the prompt's weight, as in A1111)"
+        lines.append(f"  {label}: {budget(part)}  {str(part.get('text', '')).strip()}")
         lines += _schedule_lines(part, "    ")
     if not result.get("parts"):
         lines += _schedule_lines(result, "  ")

@@ -381,3 +381,16 @@ def test_fetch_brings_back_emphasis_and_the_comma_window():
     again = parse_generation(line)
     assert (again.prompt, again.emphasis, again.comma_padding_backtrack) == ("a (cat:1.2)", "No norm", 0)
     assert unsupported_fields(parsed) == []
+
+
+def test_tokens_text_shows_and_parts_and_a_trailing_weight():
+    from sdrepl.repl import render
+
+    neg = {"count": 0, "limit": 75}
+    two = render.tokens({"count": 2, "limit": 75, "negative": neg, "parts": [
+        {"text": "a cat", "weight": 1.0, "count": 2, "limit": 75},
+        {"text": " a dog", "weight": 0.5, "count": 2, "limit": 75}]})
+    assert two.splitlines()[1:] == ["  AND part 1 (weight 1): 2/75  a cat", "  AND part 2 (weight 0.5): 2/75  a dog"]
+    one = render.tokens({"count": 3, "limit": 75, "negative": neg,
+                         "parts": [{"text": "masterpiece, score", "weight": 9.0, "count": 3, "limit": 75}]})
+    assert one.splitlines()[1].startswith("  weight 9 (a trailing :number is the prompt's weight")
