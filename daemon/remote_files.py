@@ -31,7 +31,7 @@ from sdrepl.daemon.uploads import folder_for
 #: Largest picture sent back (base64 grows it by 4/3; the reply must fit in protocol.MAX_LINE).
 MAX_PICTURE = (protocol.MAX_LINE - 64 * 1024) * 3 // 4
 #: Request parameters naming a path on the daemon's machine, per request type.
-DAEMON_PATHS = {"train": ("data", "log_dir", "template"), "preprocess": ("src", "dst")}
+DAEMON_PATHS = {"train": ("data", "log_dir", "template"), "preprocess": ("src", "dst"), "inspect": ("log",)}
 
 
 class RemotePathRefused(SdreplError):
