@@ -81,7 +81,7 @@ def tokens(result: dict[str, Any]) -> str:
     for i, part in enumerate(parts, start=1):
         label = f"AND part {i} (weight {part.get('weight', 1.0):g})" if len(parts) > 1 else \
             f"weight {part.get('weight', 1.0):g} (a trailing :number is the prompt's weight, as in A1111)"
-        lines.append(f"  {label}: {budget(part)}  {str(part.get('text', '')).strip()}")
+        lines.append(f"  {label}: {budget(part)}  {visible(str(part.get('text', '')).strip())}")
         lines += _schedule_lines(part, "    ")
     if not result.get("parts"):
         lines += _schedule_lines(result, "  ")
@@ -102,7 +102,7 @@ def _schedule_lines(side: dict[str, Any], indent: str) -> list[str]:
     for entry in side.get("schedule") or []:
         ranges = [f"{a}" if a == b else f"{a}-{b}" for a, b in entry.get("steps") or []]
         shown = ", ".join(ranges[:8]) + (f", ... ({len(ranges)} runs)" if len(ranges) > 8 else "")
-        lines.append(f"{indent}steps {shown}: {entry.get('text', '')}  ({budget(entry)})")
+        lines.append(f"{indent}steps {shown}: {visible(entry.get('text', ''))}  ({budget(entry)})")
     return lines
 
 
@@ -211,7 +211,7 @@ def model(model: dict[str, Any]) -> str:
     facts = [str(model.get("family") or "?"), " ".join(str(model[k]) for k in ("device", "dtype") if model.get(k))]
     if native:
         facts.append(f"native {native}px")
-    return f"{model.get('model', '?')} ({', '.join(f for f in facts if f)})"
+    return f"{visible(model.get('model', '?'))} ({', '.join(visible(f) for f in facts if f)})"
 
 
 def job_notes(job: dict[str, Any] | None) -> str:
