@@ -13,7 +13,6 @@ until the daemon restarts, so every picture comes from the model the daemon repo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -105,12 +104,22 @@ class WorkerPool:
         return 0 if queue.qsize() else self.waiting + 1
 
     async def _acquire(self, cancel_event: threading.Event) -> Slot:
+        """The next free worker, in the order the requests came (one getter each, kept while waiting);
+        ``cancel_event`` (a protocol ``cancel``) is looked at every 0.1 s."""
         queue = self._queue()
-        while True:
-            if cancel_event.is_set():
-                raise Cancelled("cancelled while waiting for a free device")
-            with contextlib.suppress(TimeoutError):
-                return await asyncio.wait_for(queue.get(), 0.1)
+        getter = asyncio.ensure_future(queue.get())
+        try:
+            while not getter.done():
+                await asyncio.wait({getter}, timeout=0.1)
+                if cancel_event.is_set() and not getter.done():
+                    raise Cancelled("cancelled while waiting for a free device")
+            return getter.result()
+        except BaseException:
+            if getter.done() and not getter.cancelled():
+                queue.put_nowait(getter.result())  # got a worker just as we gave up: hand it on
+            else:
+                getter.cancel()
+            raise
 
     async def run(self, fn: Callable[[Any], Any], primary_model: Any, cancel_event: threading.Event,
                   label: str = "generate") -> tuple[Any, Slot]:

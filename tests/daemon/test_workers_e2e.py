@@ -58,3 +58,41 @@ def test_device_lists() -> None:
     for bad in ("cpu,", "auto,cpu"):
         with pytest.raises(UsageError):
             parse_devices(bad)
+
+
+def test_pool_serves_in_arrival_order_and_cancels_a_waiting_request() -> None:
+    """Six requests on two workers: each on one worker, all workers free again after, a cancelled one
+    waiting for a worker fails with Cancelled and loses no worker."""
+    import threading
+    import time
+
+    from sdrepl.daemon.protocol import Cancelled
+    from sdrepl.daemon.worker import DeviceWorker
+    from sdrepl.daemon.workers import WorkerPool
+
+    class Model:
+        name = "tiny"
+
+    async def scenario() -> list:
+        first = DeviceWorker()
+        first.start()
+        pool = WorkerPool(first, "cpu")
+        pool.add("cpu", Model())
+        pool.start_model_name = "tiny"
+        try:
+            events = [threading.Event() for _ in range(6)]
+            tasks = [asyncio.create_task(pool.run(lambda model, i=i: (time.sleep(0.05), i)[1], Model(), events[i]))
+                     for i in range(6)]
+            await asyncio.sleep(0.01)
+            events[5].set()
+            outcome = await asyncio.gather(*tasks, return_exceptions=True)
+            assert pool._queue().qsize() == 2  # both workers free again
+            return outcome
+        finally:
+            first.stop()
+            pool.stop(1.0)
+
+    outcome = asyncio.run(scenario())
+    assert isinstance(outcome[5], Cancelled)
+    assert [value for value, _ in outcome[:5]] == [0, 1, 2, 3, 4]
+    assert {slot.index for _, slot in outcome[:5]} == {0, 1}
