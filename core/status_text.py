@@ -45,7 +45,13 @@ def format_status(s: dict[str, Any]) -> str:
         "training:   " + (f"{job.get('name')} {job.get('state')} step {job.get('step')}/{job.get('total')}"
                           f" loss {job.get('loss')}" if job else "none"),
         f"clients:    {s.get('clients')}; keep-alive {'forever' if keep is None else f'{keep:g} s'}; "
-        f"outputs {s.get('outputs')}",
+        f"outputs {s.get('outputs')}" + (" (the daemon's copies; yours are sent to this machine)"
+                                         if s.get("remote_client") else ""),
+        *([f"listening:  {', '.join('tls://' + a for a in s['listen'])} (TLS, secret required)"]
+          if s.get("listen") else []),
+        *([("workers:    " + "; ".join(f"{w.get('index')}:{w.get('device')} "
+                                        + (f"running {w['running']}" if w.get("running") else "idle")
+                                        for w in s["workers"]))] if s.get("workers") else []),
     ]
     return "\n".join(lines)
 
