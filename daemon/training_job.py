@@ -79,7 +79,12 @@ class TrainingJob:
             "eta_s": None if rate is None or not self.active else round(remaining / rate, 1),
             "log_dir": str(t.plan.log_dir), "path": self.path or str(t.plan.target), "error": self.error,
             "seed": t.seed, "epoch": t.epoch, "notes": list(t.notes),
+            "device": self._device(),  # with --device a,b: training runs on worker 0's device
         }
+
+    def _device(self) -> str:
+        model = getattr(self.ctx.residency, "model", None)
+        return str(getattr(model, "device", None) or self.ctx.settings.device)
 
     def result(self) -> dict[str, Any]:
         """The ``train --wait`` result once the job has ended."""

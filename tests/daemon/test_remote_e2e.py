@@ -254,6 +254,7 @@ def test_train_data_is_uploaded_from_a_remote_client(remote: DaemonProcess, shor
     first, second = (json.loads(line) for line in proc.stdout.splitlines())
     assert first["ok"], (first, proc.stderr, remote.log()[-2000:])
     assert Path(first["embedding"]["path"]).is_relative_to(remote.embeddings)
+    assert first["job"]["device"] == "cpu"  # training says where it runs
     assert "uploaded" in [e["name"] for e in second["embeddings"]]
 
     async def scenario() -> None:
