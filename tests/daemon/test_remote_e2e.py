@@ -172,6 +172,15 @@ def test_unauthenticated_clients_are_refused(remote: DaemonProcess, hello: dict)
     still_serves(remote)
 
 
+def test_a_long_line_before_the_hello_is_refused(remote: DaemonProcess) -> None:
+    """Before authentication a line may be 64 KiB: a longer one is skipped, refused, and the connection closed."""
+    ep = endpoint(remote)
+    line = protocol.encode({"id": 1, "type": "hello", "protocol": 2, "token": ep.key, "pad": "x" * 100_000})
+    messages = replies_then_closed(raw_tls(ep.port), line)
+    assert [m["error"]["type"] for m in messages] == ["BadRequest", "AuthFailed"], messages
+    still_serves(remote)
+
+
 def test_wrong_secret_through_the_client(remote: DaemonProcess) -> None:
     bad = dataclasses.replace(endpoint(remote), key="x" * 43)
     with pytest.raises(RemoteError) as info:
