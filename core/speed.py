@@ -6,7 +6,8 @@ matmuls, channels_last only the memory layout; the fp16 VAE's fp32 retry lives i
 and need no extra package. ``--compile`` compiles each module in place (``nn.Module.compile``), so the
 pipeline, the LoRA hooks and the embedding splicing see the same module objects; the weights never change
 identity (embeddings are spliced into the text encoder's input, not the compiled modules), so a new prompt
-or embedding never recompiles. Each picture shape (batch, height, width) compiles once (``dynamic=False``:
+or embedding never recompiles. LoRAs are forward hooks on UNet modules: with hook guards on (set here), a
+new set of hooked modules compiles once, and the graph of the model without them is kept. Each picture shape (batch, height, width) compiles once (``dynamic=False``:
 a static graph per shape is the fast one); the first generation at a shape pays it, and :class:`Speed`
 records how long that took, for ``status``.
 """
@@ -102,6 +103,10 @@ def apply_speed(pipe: Any, device: torch.device, *, compile: bool = False,
     speed.attention = _attention(unet)
     if compile:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, SHAPES_KEPT)
+        # LoRAs and hypernetworks are forward hooks (``core.networks.apply``); dynamo's default skips the
+        # guards on module hooks, so a hook attached after compiling would be silently ignored. With the
+        # guards, each set of hooked modules compiles once and the untouched model's graph is kept.
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
         unet.compile(backend=_counting(speed, "unet", backend), dynamic=False)
         vae.decoder.compile(backend=_counting(speed, "vae_decoder", backend), dynamic=False)
     pipe.sdrepl_speed = speed

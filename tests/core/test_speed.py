@@ -59,6 +59,29 @@ def test_a_new_size_compiles_once_and_is_reported(compiled):
     assert model.describe()["speed"]["compile"] is True
 
 
+def test_a_forward_hook_like_a_lora_s_is_seen_by_the_compiled_unet(compiled):
+    """LoRAs are forward hooks (core.networks.apply): one attached after compiling must change the output
+    (dynamo skips hook guards by default and would ignore it), and removing it gives the old output back."""
+    model, speed = compiled
+    unet = model.pipe.unet
+    x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    e = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(1))
+
+    def call():
+        with torch.no_grad():
+            return unet(x, torch.tensor(500.0), encoder_hidden_states=e).sample
+
+    plain = call()
+    target = next(m for n, m in unet.named_modules() if n.endswith("attn2.to_q"))
+    handle = target.register_forward_hook(lambda module, args, out: out * 3.0)
+    try:
+        hooked = call()
+    finally:
+        handle.remove()
+    assert not torch.equal(plain, hooked)
+    assert torch.equal(plain, call())
+
+
 def test_without_compile_the_cpu_path_is_untouched(tiny_model):
     described = tiny_model.describe()["speed"]
     assert described["compile"] is False and described["channels_last"] is False and described["graphs"] == {}
