@@ -42,6 +42,16 @@ class Speed:
     warmups: dict[str, float] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles of a pipeline carry the record, not the lock (``copy.deepcopy(pipe)`` works)."""
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def describe(self) -> dict[str, Any]:
         with self._lock:
             return {"compile": self.compile, "backend": self.backend, "channels_last": self.channels_last,

@@ -83,6 +83,9 @@ def test_a_forward_hook_like_a_lora_s_is_seen_by_the_compiled_unet(compiled):
 
 
 def test_without_compile_the_cpu_path_is_untouched(tiny_model):
+    import copy
+
+    assert copy.deepcopy(tiny_model.pipe).sdrepl_speed.describe() == tiny_model.pipe.sdrepl_speed.describe()
     described = tiny_model.describe()["speed"]
     assert described["compile"] is False and described["channels_last"] is False and described["graphs"] == {}
 
