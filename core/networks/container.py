@@ -14,20 +14,23 @@ Every failure is a :class:`NetworkError` naming the file and saying what was wro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import stat as stat_module
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from sdrepl.core.errors import NetworkError
 from sdrepl.core.formats.common import short
 from sdrepl.core.formats.pickle_file import is_pickle
+from sdrepl.core.safe_open import file_kind
 
 #: Extensions of LoRA / hypernetwork files (case-insensitive).
 NETWORK_EXTENSIONS = frozenset({".safetensors", ".pt", ".bin", ".ckpt"})
@@ -55,16 +58,46 @@ class Header:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def _open(path: Path) -> Iterator[BinaryIO]:
+    """``path`` opened for reading by :func:`~sdrepl.core.safe_open.open_regular_file`.
+
+    A name in a watched folder can become a FIFO between the ``stat`` and the ``open``; a plain ``open``
+    would then wait for a writer forever and block the LoRA watcher. Failures are NetworkErrors.
+    """
+    from sdrepl.core.safe_open import UnsafeFile, open_regular_file
+
+    try:
+        with open_regular_file(path, MAX_NETWORK_BYTES) as (fh, _):
+            yield fh
+    except UnsafeFile as exc:
+        raise NetworkError(path, f"{exc.reason}: not opened") from None
+    except OSError as exc:
+        raise NetworkError(path, f"cannot read the file ({exc.strerror or exc})") from None
+
+
+def _read_exactly(fh: BinaryIO, count: int) -> bytes:
+    """Up to ``count`` bytes (fewer only at the end of the file): unbuffered reads may return less."""
+    chunks, left = [], count
+    while left > 0:
+        chunk = fh.read(min(left, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
 def _safetensors_header(path: Path, size: int) -> Header:
-    with open(path, "rb") as fh:
-        head = fh.read(8)
+    with _open(path) as fh:
+        head = _read_exactly(fh, 8)
         if len(head) < 8:
             raise NetworkError(path, f"truncated safetensors file ({size} bytes; the header alone needs 8+)")
         (length,) = struct.unpack("<Q", head)
         if length > size - 8 or length > _MAX_HEADER:
             raise NetworkError(path, f"the safetensors header claims {length} bytes but the file has only "
                                      f"{size - 8} after the length field: the file is truncated")
-        raw = fh.read(length)
+        raw = _read_exactly(fh, length)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -125,16 +158,13 @@ def read_header(path: Path) -> Header:
     except OSError as exc:
         raise NetworkError(path, f"cannot read the file ({exc.strerror or exc})") from None
     if not stat_module.S_ISREG(st.st_mode):
-        raise NetworkError(path, "not a regular file (a FIFO, socket or device): not opened")
+        raise NetworkError(path, f"{file_kind(st.st_mode)}, not a regular file: not opened")
     size = st.st_size
     if size > MAX_NETWORK_BYTES:
         raise NetworkError(path, f"{size / 2**30:.1f} GiB is larger than any LoRA ({MAX_NETWORK_BYTES // 2**30} GiB "
                                  "at most): this looks like a model checkpoint; keep it out of the LoRA folder")
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(9)
-    except OSError as exc:
-        raise NetworkError(path, f"cannot read the file ({exc.strerror or exc})") from None
+    with _open(path) as fh:
+        head = _read_exactly(fh, 9)
     if len(head) >= 9 and head[8:9] == b"{":
         return _safetensors_header(path, size)
     if path.suffix.lower() == ".safetensors" and not is_pickle(head + b"\0\0\0"):
@@ -154,8 +184,15 @@ def read_tensors(path: Path, header: Header, keys: list[str]) -> dict[str, torch
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            return {k: fh.get_tensor(k) for k in keys}
+        with _open(path) as raw:
+            # Read through the descriptor already checked to be a regular file, so a FIFO swapped in under
+            # the name cannot block safetensors' own open (Linux: /proc/self/fd; elsewhere the name).
+            fd_path = f"/proc/self/fd/{raw.fileno()}"
+            where = fd_path if os.path.exists(fd_path) else str(path)
+            with safe_open(where, framework="pt", device="cpu") as fh:
+                return {k: fh.get_tensor(k) for k in keys}
+    except NetworkError:
+        raise
     except Exception as exc:
         raise NetworkError(path, f"cannot read its tensors ({short(exc)}); the file changed or is damaged") from None
 
@@ -165,7 +202,7 @@ def addnet_hash(path: Path, header: Header) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with _open(path) as fh:
         fh.seek(header.data_offset)
         while block := fh.read(1 << 20):
             digest.update(block)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import stat as stat_module
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -35,6 +36,7 @@ from sdrepl.core.library_state import LibraryChange, _qualify
 from sdrepl.core.networks.container import NETWORK_EXTENSIONS, read_header, read_tensors
 from sdrepl.core.networks.deltas import HostDelta, host_delta
 from sdrepl.core.networks.modules import ModelSignature
+from sdrepl.core.safe_open import file_kind
 
 GENERIC_STEMS = frozenset({"adapter_model", "pytorch_lora_weights", "lora", "model", "pytorch_model",
                            "diffusion_pytorch_model"})
@@ -312,8 +314,10 @@ class NetworkLibrary:
                 continue
             seen.add(real)
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            # Not only regular files: a FIFO or device named like a LoRA is listed so that it is skipped
+            # with a reason (never opened), instead of vanishing without a word.
             files += [Path(folder) / n for n in sorted(names) if is_network_candidate(n)
-                      and os.path.isfile(os.path.join(folder, n))]
+                      and not os.path.isdir(os.path.join(folder, n))]
         return files
 
     def _record(self, path: Path, index: int, previous: NetRecord | None, force: bool = False) -> NetRecord | None:
@@ -321,6 +325,10 @@ class NetworkLibrary:
             st = os.stat(path)
         except OSError:
             return None
+        if not stat_module.S_ISREG(st.st_mode):
+            rel = PurePosixPath(path.relative_to(self.folders[index]).as_posix())
+            return NetRecord(path, index, rel, 0, st.st_mtime_ns,
+                             error=f"{file_kind(st.st_mode)}, not a regular file: not opened")
         if st.st_size == 0:
             return None  # still being written: its close event follows
         if not force and previous is not None and (previous.size, previous.mtime_ns, previous.root) == (

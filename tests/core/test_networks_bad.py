@@ -143,3 +143,54 @@ def test_kohya_bundled_embedding(tmp_path, pipe):
     info = lib.get("withemb").info
     assert info.keys_matched == info.keys == 4 and info.warnings == ()
     assert torch.equal(info.embeddings["mystyle"].vectors["text_encoder"], vectors)
+
+
+def _finishes(fn, seconds: float = 20):
+    """Run ``fn`` in a thread; fail the test if it is still running after ``seconds`` (it blocked)."""
+    import threading
+
+    result: dict = {}
+
+    def target() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # re-raised in the test's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "blocked on a FIFO"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def test_fifo_in_the_lora_folder_is_skipped_with_a_reason_and_never_blocks(tmp_path, pipe):
+    save_file(_pair(kohya_name(*LINEAR)), str(tmp_path / "good.safetensors"))
+    os.mkfifo(tmp_path / "x.safetensors")
+    lib = lora_library([tmp_path], signature_of(pipe, "sd1"))
+    change = _finishes(lib.scan)
+    assert [s.path.name for s in change.skipped] == ["x.safetensors"]
+    assert "FIFO" in lib.skipped()[0].reason and "not opened" in lib.skipped()[0].reason
+    assert [n.name for n in lib.networks()] == ["good"]
+    _finishes(lambda: lib.update_path(tmp_path / "x.safetensors", force=True))
+    assert [n.name for n in lib.networks()] == ["good"]
+
+
+def test_a_fifo_swapped_in_after_the_stat_is_refused_not_waited_on(tmp_path, monkeypatch):
+    """The race the stat check alone cannot close: the name is a regular file when stat'ed, a FIFO when opened."""
+    from sdrepl.core.networks.container import read_header
+
+    decoy = tmp_path / "decoy.safetensors"
+    save_file(_pair(kohya_name(*LINEAR)), str(decoy))
+    fifo = tmp_path / "x.safetensors"
+    os.mkfifo(fifo)
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):  # what stat saw a moment before the swap
+        return real_stat(decoy if os.fspath(path) == str(fifo) else path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    with pytest.raises(NetworkError, match="FIFO"):
+        _finishes(lambda: read_header(fifo))
