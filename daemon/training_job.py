@@ -80,6 +80,7 @@ class TrainingJob:
             "log_dir": str(t.plan.log_dir), "path": self.path or str(t.plan.target), "error": self.error,
             "seed": t.seed, "epoch": t.epoch, "notes": list(t.notes),
             "device": self._device(),  # with --device a,b: training runs on worker 0's device
+            "recent_loss": [round(v, 6) for v in t.log.recent_losses()],  # v2: the sparkline's points
         }
 
     def _device(self) -> str:

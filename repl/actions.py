@@ -181,7 +181,8 @@ async def run_push(session: Session, params: dict[str, Any], started: Started) -
 async def run_train(session: Session, parsed: dict[str, Any], started: Started) -> Outcome:
     if parsed["sub"] is not None:
         reply = await session.client.request(f"train_{parsed['sub']}")
-        notes = render.job_notes(reply.get("job")) if parsed["sub"] == "status" else ""
+        notes = (render.loss_trend(reply.get("job")) + render.job_notes(reply.get("job"))
+                 if parsed["sub"] == "status" else "")
         return Outcome(reply, render.job(reply.get("job")) + notes)
     params = resolve_paths(parsed["params"], session.cwd)
     if getattr(session.client, "remote", False) and "data" in params:  # the daemon cannot read our folders

@@ -214,6 +214,21 @@ def model(model: dict[str, Any]) -> str:
     return f"{visible(model.get('model', '?'))} ({', '.join(visible(f) for f in facts if f)})"
 
 
+def loss_trend(job: dict[str, Any] | None) -> str:
+    """``!train status``'s second line: a sparkline of the recent loss (protocol v2 ``recent_loss``) and
+    where ``loss.png`` is; "" before the first logged step."""
+    from sdrepl.core.training.loss_plot import sparkline
+
+    values = [v for v in (job or {}).get("recent_loss") or [] if isinstance(v, (int, float))]
+    line = sparkline(values)
+    if not line:
+        return ""
+    text = f"\nloss {line} (last {len(values)} steps, {min(values):.4g}..{max(values):.4g})"
+    if (job or {}).get("log_dir"):
+        text += f"; plot: {visible(os.path.join(str(job['log_dir']), 'loss.png'))}"
+    return text
+
+
 def job_notes(job: dict[str, Any] | None) -> str:
     """The decisions a job took that the user should know (``--batch`` capped, ...), one ``note:`` line each."""
     return "".join(f"\nnote: {note}" for note in (job or {}).get("notes") or [])

@@ -361,6 +361,10 @@ class Trainer:
         write_embedding(self.log.embedding_path(self.step_count), self.current_parts(), "safetensors",
                         name=self.name, step=self.step_count, checkpoint_hash=self.model.model_hash,
                         checkpoint_name=self.model.name, init_text=self.plan.init_text, overwrite=True)
+        try:
+            self.log.write_plot()
+        except (OSError, ValueError) as exc:  # a plot is a convenience: it never stops a run
+            self.notes.append(f"loss.png not written: {exc}"[:200])
 
     def save_checkpoint(self) -> Path | None:
         """Save a resumable checkpoint of the current step (never after a divergence)."""

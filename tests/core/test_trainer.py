@@ -110,6 +110,8 @@ def test_every_log_output_is_written(trained):
     card = read_embedding(log / "images" / "shapes-50.card.png")
     assert card.step == 50 and card.vectors[SINGLE].shape == (1, 768)
     assert load_checkpoint(log / "checkpoint.pt")["step"] == 50
+    assert Image.open(log / "loss.png").size == (800, 400)  # redrawn with each snapshot
+    assert trained["trainer"].log.recent_losses(5) == pytest.approx(trained["losses"][-5:], abs=1e-7)  # train_status's sparkline
     assert trained["final"] == root / "embeddings" / "shapes.safetensors"
     data = read_embedding(trained["final"])
     assert data.step == 50 and data.init_text == "*"
