@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -177,14 +179,26 @@ def test_the_client_refuses_a_socket_owned_by_someone_else(tmpdir_root: Path) ->
             listener.accept()  # nobody ever connected
 
 
-IMPOSTOR = """
-import socket, sys, time
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.bind(sys.argv[1]); s.listen()
-print("ready", flush=True)
-conn, _ = s.accept()
-time.sleep(5)
-"""
+def _impostor_listener(path: Path) -> tuple[int, int]:
+    """A listener on ``path`` run by another uid: a forked child that drops to OTHER_UID (no exec, so the
+    other user needs no access to this interpreter, which may live in root's home). Returns (pid, ready fd)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only plain system calls, then _exit
+        try:
+            os.close(read_end)
+            os.setgid(OTHER_UID)
+            os.setuid(OTHER_UID)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(str(path))
+            s.listen()
+            os.write(write_end, b"ready")
+            conn, _ = s.accept()
+            time.sleep(5)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    return pid, read_end
 
 
 @as_root
@@ -195,13 +209,13 @@ def test_the_client_refuses_a_listener_running_as_someone_else(tmpdir_root: Path
     folder.mkdir()
     os.chown(folder, OTHER_UID, OTHER_UID)
     path = folder / "d.sock"
-    impostor = subprocess.Popen([sys.executable, "-c", IMPOSTOR, str(path)], user=OTHER_UID, group=OTHER_UID,
-                                stdout=subprocess.PIPE, text=True)
+    pid, ready = _impostor_listener(path)
     try:
-        assert impostor.stdout.readline().strip() == "ready"
+        assert os.read(ready, 5) == b"ready"
         os.chown(path, 0, 0)
         with pytest.raises(UnsafeRuntime, match=f"runs as uid {OTHER_UID}, not as you"):
             request_sync(path, "status", timeout=2)
     finally:
-        impostor.kill()
-        impostor.wait(5)
+        os.close(ready)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
