@@ -28,7 +28,7 @@ from prompt_toolkit.completion import (
 from prompt_toolkit.document import Document
 
 from sdrepl.core.display import visible
-from sdrepl.repl import commands, parse, train_args
+from sdrepl.repl import commands, inspect_command, parse, train_args
 
 log = logging.getLogger("sdrepl.repl")
 
@@ -83,7 +83,7 @@ def command_table() -> dict[str, CommandInfo]:
     """
     tables = {"create": commands.CREATE_OPTIONS, "convert": commands.CONVERT_OPTIONS,
               "preprocess": commands.PREPROCESS_OPTIONS, "train": train_args.TRAIN_OPTIONS,
-              "tokens": parse.GENERATION_OPTIONS}
+              "tokens": parse.GENERATION_OPTIONS, "inspect": inspect_command.OPTIONS}
     table = {}
     for cmd in commands.COMMANDS:
         info = CommandInfo(cmd.name, cmd.summary or cmd.usage, _long_options(tables.get(cmd.name)))
@@ -358,7 +358,7 @@ class LineCompleter(Completer):
             return []
         if command == "show":
             return names + [f"lora:{n}" for n in self.get_lora_names()]
-        if command == "convert":
+        if command in ("convert", "inspect"):
             return names
         if command == "help":
             return list(commands)

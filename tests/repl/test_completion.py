@@ -134,6 +134,10 @@ def test_a_typed_closing_bracket_is_not_doubled():
     ("!set sampler unip", "UniPC"),
     ("!show bad-h", "bad-hands-5"),
     ("!convert easy", "EasyNegative"),
+    ("!inspect easy", "EasyNegative"),
+    ("!inspect bad-hands-5 --t", "top"),
+    ("!ins", "inspect"),
+    ("!mi", "mix"),
     ("!train st", "status"),
     ("!tokens a cat --n", "neg"),
 ])
