@@ -17,10 +17,10 @@ png            ``<trigger>.png``                               A1111 image card 
 =============  ==============================================  =========================================
 
 Consequence, on purpose: while the original stays in a watched folder, the copy is a second file
-claiming the same trigger. The library then warns about the collision (noting "identical vectors"),
-serves one of them deterministically (the shallower, then the first by path) and keeps the other
-reachable as ``<folder/trigger>``; prompts give the same result either way. Move or delete the original
-once the copy is what you want. An existing output is replaced only with ``overwrite`` (``--overwrite``).
+claiming the same trigger, with the same vectors. The library counts it as the same embedding (one entry,
+several ``files``; see ``core/library_state.py``): no collision warning, and the original (the older file)
+stays the one served. Delete either file when you like: the embedding stays while one remains. An
+existing output is replaced only with ``overwrite`` (``--overwrite``).
 
 Safety: the trigger can come from inside the file; a name that is not a valid name is never used as one
 (see ``core/names.py``), and the writers refuse any output beside the original that resolves outside

@@ -63,6 +63,14 @@ class Embedding:
     size: int = 0
     mtime_ns: int = 0
     warnings: tuple[str, ...] = field(default=())
+    #: Other files under this trigger with identical vectors (a ``!convert`` copy): one embedding, several
+    #: files; ``path`` is the one that takes precedence (see ``core/library_state.py``).
+    copies: tuple[Path, ...] = field(default=())
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """Every file holding this embedding: ``path`` first, then its identical copies."""
+        return (self.path, *self.copies)
 
     @property
     def key(self) -> str:
@@ -96,6 +104,7 @@ class Embedding:
             "checkpoint": self.data.checkpoint_name or self.data.checkpoint_hash,
             "init_text": self.data.init_text,
             "source": self.data.source,
+            "files": [str(p) for p in self.files],
         }
 
 

@@ -8,7 +8,9 @@ everything else from those records, the model's encoder widths and fixed orderin
 - **Collisions** (two files, one trigger) are deterministic: the winner is the file in the earliest
   listed folder, then the shallowest, then the first by path; listing order and creation order never
   matter. A warning names every file, and each loser stays reachable by its ``qualified`` name
-  (``sub/name``; ``name.pt`` style when two claimants share a folder).
+  (``sub/name``; ``name.pt`` style when two claimants share a folder). Files with identical vectors
+  (names, shapes, dtypes, values) are no collision: they are one embedding with several ``files`` (a
+  ``!convert`` copy), served from the oldest, so a copy never takes over.
 - **Compatibility** (spec section 3): an embedding whose widths do not fit the model is skipped with a
   reason and not offered for completion. SD 1.x embeddings on an SDXL model are skipped, as A1111 does.
 - **Scanning** is recursive, follows symlinks and refuses loops (each real directory is walked once).

@@ -16,6 +16,7 @@ Readers get an immutable :class:`LibraryState`; its sorted lists are built on fi
 from __future__ import annotations
 
 import bisect
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -73,6 +74,11 @@ class LibraryChange:
     version: int = 0
     entries: list[Embedding] = field(default_factory=list)
     removed_paths: list[Path] = field(default_factory=list)
+    #: Files that joined an embedding already loaded, as an identical copy: ``(file, trigger, entry path)``.
+    files_added: list[tuple[Path, str, Path]] = field(default_factory=list)
+    #: Files that went away while their embedding stays (another identical file still holds it):
+    #: ``(file, trigger, the path the embedding is now served from)``.
+    files_removed: list[tuple[Path, str, Path]] = field(default_factory=list)
 
     def describe(self) -> dict:
         return {
@@ -82,10 +88,13 @@ class LibraryChange:
             "skipped": [s.describe() for s in self.skipped],
             "unskipped": [str(p) for p in self.unskipped],
             "warnings": list(self.warnings),
+            "files_added": [{"path": str(f), "name": n, "entry": str(e)} for f, n, e in self.files_added],
+            "files_removed": [{"path": str(f), "name": n, "entry": str(e)} for f, n, e in self.files_removed],
         }
 
     def __bool__(self) -> bool:
-        return any((self.added, self.updated, self.removed, self.skipped, self.unskipped, self.warnings))
+        return any((self.added, self.updated, self.removed, self.skipped, self.unskipped, self.warnings,
+                    self.files_added, self.files_removed))
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,26 @@ class Record:
             rel = str(self.rel)
             cached = (self.root, len(self.rel.parts), rel.casefold(), rel)
             object.__setattr__(self, "_order", cached)  # computed once: sorting calls it a lot
+        return cached
+
+    def content(self) -> tuple:
+        """The identity of the vectors (names, shapes, dtypes, values): equal for a ``!convert`` copy.
+
+        Computed once per record (that is, once per read of the file). An embedding bundled in a LoRA
+        file is its own identity: bundles keep today's collision rules.
+        """
+        cached = self.__dict__.get("_content")
+        if cached is None:
+            if self.data is None or self.data.source:
+                cached = ("path", str(self.path))
+            else:
+                digest = hashlib.sha256()
+                for key in sorted(self.data.vectors):
+                    tensor = self.data.vectors[key].detach().cpu().contiguous()
+                    digest.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+                    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+                cached = ("vectors", digest.hexdigest())
+            object.__setattr__(self, "_content", cached)
         return cached
 
 
@@ -190,12 +219,17 @@ def _qualify(claims: list[tuple[Record, str]], roots: list[Path]) -> dict[Path, 
             return {path: options[path][level[path]] for path in options}
 
 
-def _same_vectors(records: list[Record]) -> bool:
-    first = records[0].data.vectors
-    return all(
-        rec.data.vectors.keys() == first.keys() and all(torch.equal(rec.data.vectors[k], first[k]) for k in first)
-        for rec in records[1:]
-    )
+def _by_content(group: list[Record]) -> list[list[Record]]:
+    """The files of one trigger grouped by identical vectors, each list and the lists in precedence order.
+
+    Each list is one embedding, so identical files never count as a collision. Its first file serves it:
+    the oldest (by mtime, then precedence), so a ``!convert`` copy written beside the original never takes
+    over from it (nor its hash, which pictures record), also after a restart. The others are its copies.
+    """
+    clusters: dict[tuple, list[Record]] = {}
+    for rec in group:
+        clusters.setdefault(rec.content(), []).append(rec)
+    return [sorted(cluster, key=lambda rec: (rec.mtime_ns, rec.order())) for cluster in clusters.values()]
 
 
 class LibraryView:
@@ -354,19 +388,23 @@ class LibraryView:
                 if emb is not None and self._by_qualified.get(emb.qualified.lower()) is emb:
                     del self._by_qualified[emb.qualified.lower()]
         for key in keys:
-            group = [self.records[path] for _, path in self._groups.get(key, ())]
-            if not group:
+            clusters = _by_content([self.records[path] for _, path in self._groups.get(key, ())])
+            if not clusters:
                 continue
+            group = [cluster[0] for cluster in clusters]
+            # The simplest qualified name among a cluster's files (unique, and no copy uses it) names it.
+            names = {cluster[0].path: self._qualified[min(cluster, key=Record.order).path] for cluster in clusters}
             note: tuple[str, ...] = ()
             if len(group) > 1:
-                same = " (identical vectors)" if _same_vectors(group) else ""
-                others = "; ".join(f"{rec.path} is reachable as <{self._qualified[rec.path]}>" for rec in group[1:])
-                note = (f"{len(group)} files claim the trigger '{self._trigger[group[0].path]}'{same}: using "
+                others = "; ".join(f"{rec.path} is reachable as <{names[rec.path]}>" for rec in group[1:])
+                note = (f"{len(group)} files claim the trigger '{self._trigger[group[0].path]}': using "
                         f"{group[0].path}; {others}",)
                 self._notes[key] = note[0]
-            for position, rec in enumerate(group):
-                trigger, qualified = self._trigger[rec.path], self._qualified[rec.path]
-                emb = Embedding(trigger, qualified, rec.path, rec.data, rec.sha256, rec.size, rec.mtime_ns, note)
+            for position, (rec, cluster) in enumerate(zip(group, clusters, strict=True)):
+                trigger, qualified = self._trigger[rec.path], names[rec.path]
+                copies = tuple(copy.path for copy in sorted(cluster[1:], key=Record.order))
+                emb = Embedding(trigger, qualified, rec.path, rec.data, rec.sha256, rec.size, rec.mtime_ns, note,
+                                copies)
                 self._entries[rec.path] = emb
                 self._by_qualified[qualified.lower()] = emb
                 self._reach[rec.path] = trigger if position == 0 else qualified
@@ -376,19 +414,43 @@ class LibraryView:
     def _change(self, updates: dict, before: dict, old_skips: dict[Path, Skipped], old_warnings: set[str],
                 keys: set[str]) -> LibraryChange:
         change = LibraryChange()
+        # Files held as identical copies, before and after: a copy coming or going, or taking over from
+        # the file it copied, changes an entry's files but not the names that reach it.
+        old_owner = {f: (reach, emb) for reach, emb in before.values() if emb is not None for f in emb.files}
+        new_owner = {f: emb for path in before if (emb := self._entries.get(path)) is not None for f in emb.files}
+        new_reaches = {self._reach[path].lower(): self._entries[path] for path in before if path in self._entries}
+
+        def kept(reach: str | None, old: Embedding) -> Embedding | None:
+            """The entry that now serves ``old``'s name from one of ``old``'s files (its vectors), if any."""
+            now = new_reaches.get((reach or "").lower())
+            return now if now is not None and not set(now.files).isdisjoint(old.files) else None
         for path, (old_reach, old) in before.items():
             new = self._entries.get(path)
             if old is None and new is not None:
-                change.added.append(self._reach[path])
+                took_over = path in old_owner and (old_owner[path][0] or "").lower() == self._reach[path].lower()
+                if not took_over:
+                    change.added.append(self._reach[path])
                 change.entries.append(new)
             elif old is not None and new is None:
-                change.removed.append(old_reach)
+                if kept(old_reach, old) is None:
+                    change.removed.append(old_reach)
                 change.removed_paths.append(path)
             elif old is not None and new is not None:
                 content = old.sha256 != new.sha256 if old.sha256 and new.sha256 else old.data is not new.data
                 if content or old_reach != self._reach[path] or old.qualified != new.qualified:
                     change.updated.append(self._reach[path])
                     change.entries.append(new)
+                elif old.files != new.files:
+                    change.entries.append(new)
+        for file, (reach, emb) in old_owner.items():
+            stays = kept(reach, emb)
+            if file not in new_owner and stays is not None:
+                change.files_removed.append((file, emb.trigger, stays.path))
+        for file, emb in new_owner.items():
+            if file != emb.path and file not in old_owner:
+                change.files_added.append((file, emb.trigger, emb.path))
+        change.files_added.sort()
+        change.files_removed.sort()
         for name_list in (change.added, change.updated, change.removed):
             name_list.sort(key=str.lower)
         new_skips = [self._skips[p] for p in updates if p in self._skips and self._skips[p][1] != old_skips.get(p)]

@@ -131,11 +131,14 @@ def embeddings(result: dict[str, Any]) -> str:
             [visible(e.get("qualified") if str(e.get("name")).lower() in shared and e.get("qualified")
                      else e.get("name")), str(e.get("vectors", "?")), _width(e.get("width")),
              visible(e.get("format") or "-"),
-             visible(Path(str(e.get("source"))).name + " (LoRA)" if e.get("source") else Path(str(e.get("path") or "-")).name),
+             visible(Path(str(e.get("source"))).name + " (LoRA)" if e.get("source") else Path(str(e.get("path") or "-")).name)
+             + _copies(e),
              "-" if e.get("step") is None else visible(e.get("step")), visible(_short_hash(e.get("hash")))]
             for e in sorted(loaded, key=lambda e: str(e.get("name")).lower())
         ]
         lines += table(rows, ["trigger", "vectors", "width", "format", "file", "step", "hash"])
+        lines += [f"<{visible(e.get('name'))}> is also in: " + ", ".join(_file_name(f) for f in e["files"][1:])
+                  for e in sorted(loaded, key=lambda e: str(e.get("name")).lower()) if _copies(e)]
     else:
         lines.append("no embeddings loaded (put .pt/.safetensors/.bin files in the embeddings folder)")
     skipped = result.get("skipped") or []
@@ -144,6 +147,12 @@ def embeddings(result: dict[str, Any]) -> str:
         lines += [f"  {_file_name(s.get('path'))}: {visible(s.get('reason', 'no reason given'))}" for s in skipped]
     lines += [f"warning: {visible(w)}" for w in result.get("warnings") or []]
     return "\n".join(lines)
+
+
+def _copies(entry: dict[str, Any]) -> str:
+    """`` (+1 copy)`` for an embedding held by several identical files (a ``!convert`` copy), else ""."""
+    extra = len(entry.get("files") or []) - 1
+    return f" (+{extra} {'copy' if extra == 1 else 'copies'})" if extra > 0 else ""
 
 
 def _file_name(path: Any) -> str:
@@ -250,6 +259,9 @@ def change(result: dict[str, Any]) -> str:
         names = moved.get(key) or []
         if names:
             lines.append(f"{key}: " + ", ".join(map(visible, names)))
+    from sdrepl.repl.state import copy_lines  # the same lines the watcher's notices use
+
+    lines += copy_lines(moved)
     for item in moved.get("skipped") or []:
         lines.append(f"skipped {_file_name(item.get('path'))}: {visible(item.get('reason', 'no reason given'))}")
     lines += [f"no longer skipped: {_file_name(p)}" for p in moved.get("unskipped") or []]

@@ -196,6 +196,7 @@ def describe_library_change(change: dict[str, Any], what: str = "embeddings", ta
         names = change.get(key) or []
         if names:
             lines.append(f"{what} {verb}: " + ", ".join(f"<{tag + ':' if tag else ''}{visible(n)}>" for n in names))
+    lines += copy_lines(change)
     for item in change.get("skipped") or []:
         lines.append(f"skipped {visible(Path(str(item.get('path', '?'))).name)}: "
                      f"{visible(item.get('reason', 'no reason given'))}")
@@ -203,6 +204,18 @@ def describe_library_change(change: dict[str, Any], what: str = "embeddings", ta
         lines.append(f"no longer skipped: {visible(Path(str(path)).name)}")
     for warning in change.get("warnings") or []:
         lines.append(f"warning: {visible(warning)}")
+    return lines
+
+
+def copy_lines(change: dict[str, Any]) -> list[str]:
+    """Files that joined or left an embedding that stays (identical copies, e.g. a ``!convert``): which
+    file, which embedding, and the file it is served from."""
+    lines = []
+    for key, verb in (("files_added", "is a copy of"), ("files_removed", "is gone; still loaded:")):
+        for item in change.get(key) or []:
+            if isinstance(item, dict):
+                lines.append(f"{visible(Path(str(item.get('path', '?'))).name)} {verb} <{visible(item.get('name', '?'))}>"
+                             f" (from {visible(Path(str(item.get('entry', '?'))).name)})")
     return lines
 
 

@@ -55,13 +55,12 @@ def test_learned_embeds_converts_to_trigger_named_file(tmp_path: Path) -> None:
     assert written == tmp_path / "birb-style" / "birb-style.safetensors"
 
 
-def test_converted_copy_collides_visibly_and_original_wins(eyeliner: Path) -> None:
-    convert_embedding(embedding_from_file(eyeliner), "diffusers")
+def test_converted_copy_is_the_same_embedding_and_the_original_stays_active(eyeliner: Path) -> None:
+    written = convert_embedding(embedding_from_file(eyeliner), "diffusers")
     lib = EmbeddingLibrary([eyeliner.parent], {SINGLE: 768})
     lib.scan()
-    assert lib.get("eyeliner2").path == eyeliner
-    assert lib.get("eyeliner2/eyeliner2").path.name == "learned_embeds.bin"
-    assert "identical vectors" in lib.warnings()[0]
+    assert lib.get("eyeliner2").path == eyeliner and lib.get("eyeliner2").files == (eyeliner, written)
+    assert lib.warnings() == []
 
 
 def test_same_format_is_refused(eyeliner: Path) -> None:

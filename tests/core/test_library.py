@@ -78,11 +78,12 @@ def test_collision_in_one_folder_uses_file_names(tmp_path: Path) -> None:
     assert lib.get("<x.safetensors>").path.name == "x.safetensors"
 
 
-def test_collision_of_identical_copies_says_so(tmp_path: Path) -> None:
+def test_identical_copies_are_one_embedding_not_a_collision(tmp_path: Path) -> None:
     shutil.copy(FIXTURES / "a1111/eyeliner2.pt", tmp_path / "eyeliner2.pt")
     (tmp_path / "copy").mkdir()
     shutil.copy(FIXTURES / "a1111/eyeliner2.pt", tmp_path / "copy" / "eyeliner2.pt")
-    assert "(identical vectors)" in scanned(tmp_path).warnings()[0]
+    lib = scanned(tmp_path)
+    assert lib.warnings() == [] and [len(e.files) for e in lib.embeddings()] == [2]
 
 
 @pytest.mark.parametrize("name", ["bad-artist", "BAD-ARTIST", "<Bad-Artist>", "embedding:bad-artist", " bad-artist.pt"])
