@@ -96,15 +96,19 @@ class Connection:
         outer = asyncio.get_running_loop().create_future()
 
         def settle(done: asyncio.Future) -> None:
+            # Retrieve the inner outcome even when nobody waits any more (the line was cancelled with
+            # Ctrl-C before the daemon's Cancelled reply came): an unretrieved exception reaches the event
+            # loop's handler, and prompt_toolkit then shows "Press ENTER to continue" and eats what is typed.
+            error = None if done.cancelled() else done.exception()
             if outer.done():
                 return
             if done.cancelled():
                 outer.cancel()
-            elif isinstance(done.exception(), DaemonUnavailable):
-                outer.set_exception(DaemonUnavailable(f"{done.exception()}; {NEXT_LINE_HINT} (the daemon's log: "
+            elif isinstance(error, DaemonUnavailable):
+                outer.set_exception(DaemonUnavailable(f"{error}; {NEXT_LINE_HINT} (the daemon's log: "
                                                       f"{self.settings.log_file})"))
-            elif done.exception() is not None:
-                outer.set_exception(done.exception())
+            elif error is not None:
+                outer.set_exception(error)
             else:
                 outer.set_result(done.result())
 
