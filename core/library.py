@@ -275,11 +275,11 @@ class EmbeddingLibrary:
         """The embedding reached by ``name`` (trigger or qualified name, any case, ``<>``/``embedding:`` ok)."""
         state = self._snapshot()
         key = _normalise(name)
-        found = state.by_trigger.get(key) or state.by_qualified.get(key)
+        found = state.by_trigger.get(key) or state.by_qualified.get(key) or state.aliases.get(key)
         if found is None:
             stem, dot, ext = key.rpartition(".")
             if dot and f".{ext}" in EXTENSIONS:
-                found = state.by_trigger.get(stem) or state.by_qualified.get(stem)
+                found = state.by_trigger.get(stem) or state.by_qualified.get(stem) or state.aliases.get(stem)
         return found
 
     def suggest(self, name: str, limit: int = 3) -> list[str]:

@@ -151,9 +151,12 @@ class LibraryState:
 
     def __init__(self, by_trigger: dict[str, Embedding] | None = None,
                  by_qualified: dict[str, Embedding] | None = None,
-                 skips: dict[Path, tuple[tuple, Skipped]] | None = None, warnings: tuple[str, ...] = ()) -> None:
+                 skips: dict[Path, tuple[tuple, Skipped]] | None = None, warnings: tuple[str, ...] = (),
+                 aliases: dict[str, Embedding] | None = None) -> None:
         self.by_trigger = by_trigger or {}
         self.by_qualified = by_qualified or {}
+        #: The qualified names of identical copies (``sub/name``): they still reach their embedding.
+        self.aliases = aliases or {}
         self._skips = skips or {}
         self.warnings = warnings
         #: The library version this snapshot shows (set when it is published).
@@ -259,6 +262,8 @@ class LibraryView:
         self._notes: dict[str, str] = {}  # trigger key -> its collision warning
         self._parents: dict[Path, int] = {}  # folder -> how many records it holds directly
         self._renamed: dict[Path, tuple[tuple, str]] = {}  # claimant -> warning: its inner name is not used
+        self._aliases: dict[str, Embedding] = {}  # lowercased qualified name of a copy -> its embedding
+        self._alias_of: dict[Path, str] = {}  # copy -> its key in _aliases
 
     # --- reads -------------------------------------------------------------------------------------
 
@@ -267,7 +272,7 @@ class LibraryView:
         notes = tuple(self._notes[key] for key in sorted(self._notes))
         renamed = tuple(note for _, note in sorted(self._renamed.values()))
         return LibraryState(dict(self._by_trigger), dict(self._by_qualified), dict(self._skips),
-                            self.walk_warnings + renamed + notes)
+                            self.walk_warnings + renamed + notes, dict(self._aliases))
 
     def warnings(self) -> set[str]:
         return set(self.walk_warnings) | {note for _, note in self._renamed.values()} | set(self._notes.values())
@@ -317,6 +322,7 @@ class LibraryView:
         if skip is not None:
             old_skips[path] = skip[1]
         self._renamed.pop(path, None)
+        self._drop_alias(path)
         trigger = self._trigger.pop(path, None)
         if trigger is None:
             return
@@ -338,6 +344,11 @@ class LibraryView:
         emb = self._entries.pop(path, None)
         if emb is not None and self._by_qualified.get(emb.qualified.lower()) is emb:
             del self._by_qualified[emb.qualified.lower()]
+
+    def _drop_alias(self, path: Path) -> None:
+        alias = self._alias_of.pop(path, None)
+        if alias is not None:
+            self._aliases.pop(alias, None)
 
     def _admit(self, rec: Record, keys: set[str], seeds: set[Path]) -> None:
         if rec.ignored:
@@ -384,6 +395,7 @@ class LibraryView:
             self._by_trigger.pop(key, None)
             for _, path in self._groups.get(key, ()):
                 before.setdefault(path, (self._reach.get(path), self._entries.get(path)))
+                self._drop_alias(path)
                 emb = self._entries.pop(path, None)
                 if emb is not None and self._by_qualified.get(emb.qualified.lower()) is emb:
                     del self._by_qualified[emb.qualified.lower()]
@@ -407,6 +419,11 @@ class LibraryView:
                                 copies)
                 self._entries[rec.path] = emb
                 self._by_qualified[qualified.lower()] = emb
+                for copy in cluster[1:]:  # each copy's own qualified name (unique) still reaches it
+                    alias = self._qualified[copy.path]
+                    if alias.lower() != qualified.lower():
+                        self._aliases[alias.lower()] = emb
+                        self._alias_of[copy.path] = alias.lower()
                 self._reach[rec.path] = trigger if position == 0 else qualified
                 if position == 0:
                     self._by_trigger[key] = emb

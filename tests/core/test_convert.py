@@ -60,6 +60,7 @@ def test_converted_copy_is_the_same_embedding_and_the_original_stays_active(eyel
     lib = EmbeddingLibrary([eyeliner.parent], {SINGLE: 768})
     lib.scan()
     assert lib.get("eyeliner2").path == eyeliner and lib.get("eyeliner2").files == (eyeliner, written)
+    assert lib.get("eyeliner2/eyeliner2") is lib.get("eyeliner2")  # the copy's own name still reaches it
     assert lib.warnings() == []
 
 

@@ -112,3 +112,14 @@ def test_a_copy_rewritten_with_other_vectors_splits_off_as_a_collision(tmp_path:
     change = lib.update_path(copy, force=True)
     assert change.files_removed == [] and len(change.warnings) == 1
     assert len(lib.embeddings()) == 2
+
+
+def test_a_copy_in_a_subfolder_stays_reachable_by_its_qualified_name(tmp_path: Path) -> None:
+    original = put(tmp_path / "x.pt", age_s=60)
+    copy = put(tmp_path / "sub" / "x.pt")
+    lib = scanned(tmp_path)
+    assert lib.get("<sub/x>") is lib.get("x") and lib.get("x").path == original
+    assert lib.get("sub/x.pt") is lib.get("x") and len(lib.embeddings()) == 1
+    copy.unlink()
+    lib.remove_path(copy)
+    assert lib.get("sub/x") is None and lib.get("x").path == original
