@@ -52,6 +52,8 @@ def format_status(s: dict[str, Any]) -> str:
         *([("workers:    " + "; ".join(f"{w.get('index')}:{w.get('device')} "
                                         + (f"running {w['running']}" if w.get("running") else "idle")
                                         for w in s["workers"]))] if s.get("workers") else []),
+        *([f"ray fleet:  {s['ray'].get('address')}, {s['ray'].get('replicas')} replica(s) on "
+           f"{s['ray'].get('device')} ({s['ray'].get('application')})"] if isinstance(s.get("ray"), dict) else []),
     ]
     return "\n".join(lines)
 

@@ -48,6 +48,8 @@ class DaemonContext:
     started: float = field(default_factory=time.time)
     #: ``daemon.workers.WorkerPool`` when ``--device`` names several devices (else None: one worker).
     pool: Any = None
+    #: ``daemon.fleet.RayFleet`` with ``serve --ray`` (generations run on its replicas), else None.
+    fleet: Any = None
     #: The TLS listeners' ``host:port`` (``serve --listen``), shown by ``status``.
     listening: list[str] = field(default_factory=list)
     #: ``fn(message)`` sends an event message to every subscribed connection; set by the server (loop only).

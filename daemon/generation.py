@@ -94,7 +94,9 @@ async def generate(ctx: DaemonContext, params: dict, req: Request) -> dict:
         # tags in the negative prompt are answered here too.
         networks = plan_for(ctx, job.prompt, job.negative)
         # Every text the schedule uses is checked (a bad weight in a later step's text fails now too).
-        scheduled_prompt_budget(networks.text, job.negative, model.tokenizer, ctx.library, job.options,
+        # With a Ray fleet the lookup remembers the embeddings the prompt uses; they travel with the request.
+        lookup = ctx.library if ctx.fleet is None else ctx.fleet.lookup(ctx.library)
+        scheduled_prompt_budget(networks.text, job.negative, model.tokenizer, lookup, job.options,
                                 steps=job.steps)
 
         def progress(step: int, total: int, image: int) -> None:
@@ -114,7 +116,10 @@ async def generate(ctx: DaemonContext, params: dict, req: Request) -> dict:
 
         worker = None
         try:
-            if ctx.pool is None:
+            if ctx.fleet is not None:  # serve --ray: a replica of the Serve deployment (daemon/fleet.py)
+                pending, worker = await ctx.fleet.run(job, lookup, networks, output_folder(outputs), req.cancel_event,
+                                                      model)
+            elif ctx.pool is None:
                 pending = await ctx.worker.run(work, cancel_event=req.cancel_event, label="generate")
             else:  # --device a,b: the first free device (daemon/workers.py)
                 pending, worker = await ctx.pool.run(work, model, req.cancel_event)
@@ -124,7 +129,7 @@ async def generate(ctx: DaemonContext, params: dict, req: Request) -> dict:
         # The device is free for the next request now; the reply waits for the writer thread's files.
         result = await asyncio.to_thread(pending.wait)
     if worker is not None:
-        result["worker"] = worker.label
+        result["worker"] = worker if isinstance(worker, str) else worker.label
     result["seed"] = job.seed
     result["random_seed"] = random_seed
     result["queued_s"] = round((started[0] if started else queued) - queued, 4)

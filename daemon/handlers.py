@@ -94,7 +94,9 @@ def status_result(ctx: DaemonContext) -> dict[str, Any]:
         "outputs": str(ctx.settings.outputs),  # the daemon's own copies (remote clients get theirs sent)
         "listen": list(ctx.listening),
         # --device a,b: one entry per worker; training always runs on worker 0
-        "workers": ctx.pool.describe() if ctx.pool is not None else None,
+        "workers": ctx.pool.describe() if ctx.pool is not None else ctx.fleet.describe() if ctx.fleet is not None
+        else None,
+        "ray": ctx.fleet.summary() if ctx.fleet is not None else None,  # serve --ray (daemon/fleet.py)
     }
 
 

@@ -179,6 +179,19 @@ def run_daemon(settings: Settings) -> int:
         devices = parse_devices(settings.device)  # --device cuda:0,cuda:1 / all / cpu,cpu: one worker each
     except SdreplError as exc:
         return _fail(str(exc), 2)
+    fleet = None
+    if settings.ray:
+        from sdrepl.daemon.fleet import RayFleet, parse_replicas, ray_problem
+
+        try:
+            replicas = parse_replicas(settings.ray_replicas)
+        except SdreplError as exc:
+            return _fail(str(exc), 2)
+        problem = ray_problem() or (len(devices) > 1 and "--ray and a --device list do not go together: the "
+                                    "replicas are the workers (give --ray-replicas N)") or None
+        if problem:
+            return _fail(problem, 2)
+        fleet = RayFleet(settings.ray, replicas, settings)
     if len(devices) > 1:
         settings = dataclasses.replace(settings, device=devices[0])  # worker 0: the residency's device
     configure_logging()
@@ -211,7 +224,9 @@ def run_daemon(settings: Settings) -> int:
         box = [model]
         del model
         try:
-            return asyncio.run(_serve(settings, box, listeners, devices[1:]))
+            return asyncio.run(_serve(settings, box, listeners, devices[1:], fleet))
+        except SdreplError as exc:  # --ray: no cluster at that address
+            return _fail(str(exc), 2)
         except OSError as exc:  # a folder that cannot be created or watched, a socket that cannot be bound
             log.debug("start-up failed", exc_info=True)
             where = f" ({exc.filename})" if exc.filename else ""
@@ -244,7 +259,8 @@ def _load_initial_model(settings: Settings) -> Any:
     return model
 
 
-async def _serve(settings: Settings, box: list[Any], listeners: Any = None, extra_devices: list[str] | None = None) -> int:
+async def _serve(settings: Settings, box: list[Any], listeners: Any = None, extra_devices: list[str] | None = None,
+                 fleet: Any = None) -> int:
     """Serve until shutdown; ``box`` holds the start-up model, which is taken out (see ``run_daemon``)."""
     from sdrepl.core.library import EmbeddingLibrary
     from sdrepl.daemon.context import DaemonContext
@@ -280,6 +296,11 @@ async def _serve(settings: Settings, box: list[Any], listeners: Any = None, extr
         network_watchers = await asyncio.to_thread(start_networks, ctx, ctx.residency.model)
         if extra_devices:
             await _start_workers(ctx, server, settings, extra_devices)
+        if fleet is not None:  # serve --ray: deploy the replicas before serving (daemon/fleet.py)
+            fleet.start_model_name = ctx.residency.model.name
+            await asyncio.to_thread(fleet.start)
+            ctx.fleet = fleet
+            server.admission.workers = max(1, fleet.replicas.maximum)
         load_handlers()
         remove_files(settings)  # stale ones: we hold the lock and nobody answered
         await server.listen(settings.socket)
@@ -299,6 +320,8 @@ async def _serve(settings: Settings, box: list[Any], listeners: Any = None, extr
         worker.stop(timeout=1.0)
         if ctx.pool is not None:
             ctx.pool.stop(timeout=1.0)
+        if fleet is not None:
+            fleet.close()  # the deployment goes with the daemon (and the local Ray it started)
     log.info("stopped")
     return 0
 

@@ -42,7 +42,7 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     fi
 fi
 
-say "installing sdrepl and its test tools"
-pip_install -e ".[test]"
+say "installing sdrepl, its test tools and Ray Serve (serve --ray)"
+pip_install -e ".[test,ray]"
 touch "$STAMP"
 say "ready: $VENV"

@@ -70,6 +70,10 @@ class Settings:
     remote_file: Path | None = None
     #: ``serve --max-queue N``: generations that may wait behind the running one; more get QueueFull at once.
     max_queue: int = 512
+    #: ``serve --ray ADDRESS|auto``: generations run on a Ray Serve deployment (``daemon/fleet.py``); None: here.
+    ray: str | None = None
+    #: ``serve --ray-replicas N`` or ``MIN-MAX`` (Serve's autoscaling).
+    ray_replicas: str = "1"
     #: A client's remote daemon (``--connect FILE`` or ``SDREPL_HOST``), a ``daemon.auth.RemoteEndpoint``.
     connect: Any = None
 
@@ -115,6 +119,8 @@ class Settings:
             remote_file=self.remote_file.expanduser().absolute() if self.remote_file else None,
             connect=self.connect,
             max_queue=self.max_queue,
+            ray=self.ray,
+            ray_replicas=self.ray_replicas,
         )
 
     def daemon_args(self) -> list[str]:
@@ -135,6 +141,8 @@ class Settings:
             args.append("--compile")
         if self.max_queue != 512:
             args += ["--max-queue", str(self.max_queue)]
+        if self.ray:
+            args += ["--ray", self.ray, "--ray-replicas", self.ray_replicas]
         for address in self.listen:  # serve --detach re-runs serve with these
             args += ["--listen", address]
         for option, value in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
@@ -194,6 +202,12 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", default=os.environ.get("SDREPL_MAX_QUEUE", "512"), metavar="N",
                         help="generations that may wait behind the running one; more get 'queue full' at once "
                              "(default 512)")
+    parser.add_argument("--ray", default=os.environ.get("SDREPL_RAY") or None, metavar="ADDRESS|auto",
+                        help="run generations on a Ray Serve deployment: a cluster's address, or auto for a local "
+                             "Ray this daemon starts and stops (needs pip install 'sdrepl[ray]')")
+    parser.add_argument("--ray-replicas", default=os.environ.get("SDREPL_RAY_REPLICAS", "1"), metavar="N|MIN-MAX",
+                        help="--ray: replicas of the generation worker, one GPU each where the cluster has GPUs "
+                             "(a range MIN-MAX autoscales; default 1)")
 
 
 def add_connect_option(parser: argparse.ArgumentParser) -> None:
@@ -237,6 +251,8 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         remote_file=getattr(ns, "connection_file", None),
         connect=_remote_endpoint(ns),
         max_queue=_max_queue(getattr(ns, "max_queue", None)),
+        ray=getattr(ns, "ray", None) or None,
+        ray_replicas=str(getattr(ns, "ray_replicas", None) or "1"),
     ).resolved()
 
 
