@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up sdrepl in ./.venv: a virtual environment, torch (the CPU build unless an NVIDIA GPU is present,
-# then the CUDA build), and the project in editable mode with its test extras. Safe to run again: it does
-# nothing when .venv is already up to date with pyproject.toml.
+# then the CUDA build), and the project in editable mode with its test extras and Ray Serve (serve --ray).
+# Safe to run again: it does nothing when .venv is already up to date with pyproject.toml.
 #   SDREPL_VENV=DIR   where the environment goes (default .venv)
 #   PYTHON=python3.X  which interpreter creates it
 #   TORCH_VERSION=X   which torch release (default 2.13.0)
