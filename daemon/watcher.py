@@ -145,6 +145,7 @@ class FolderWatcher:
             for folder in self.folders:
                 observer.schedule(handler, str(folder), recursive=True, event_filter=EVENT_FILTER)
             observer.start()
+            self._hook_overflow(observer)
         except BaseException:
             try:
                 observer.stop()
@@ -152,6 +153,30 @@ class FolderWatcher:
                 pass
             raise
         return observer
+
+    def _hook_overflow(self, observer: Any) -> None:
+        """When the kernel's inotify queue overflows (a burst faster than it can be read), events are lost
+        for good and watchdog only rebuilds its watches: without a rescan, a file dropped in that moment
+        would never be loaded. Each emitter's watch group gets its overflow callback wrapped to queue one."""
+        for emitter in list(getattr(observer, "emitters", ())):
+            group = getattr(emitter, "_inotify", None)
+            original = getattr(group, "on_queue_overflow", None)
+            if original is None:
+                continue
+
+            def on_overflow(original: Callable[[], None] = original) -> None:
+                original()
+                self.rescan("the inotify queue overflowed and events were lost")
+
+            group.on_queue_overflow = on_overflow
+
+    def rescan(self, why: str) -> None:
+        """Queue a full rescan of the library (after lost events); the watcher thread runs it."""
+        log.warning("watcher: %s; rescanning %s", why, ", ".join(map(str, self.folders)))
+        with self._cond:
+            self._debounce.clear()  # the scan reads every file as it is now
+            self._now.append(("scan", "(all folders)"))
+            self._cond.notify_all()
 
     def stop(self) -> None:
         if self._observer is not None:
@@ -252,6 +277,9 @@ class FolderWatcher:
                     start += len(chunk)
 
     def _process(self, op: str, paths: list[str]) -> None:
+        if op == "scan":
+            self._call(op, ["(all folders)"], lambda _paths, **_: self.library.scan())
+            return
         batch = getattr(self.library, "remove_paths" if op == "remove" else "update_paths", None)
         if batch is None:  # a library with only the one-path methods: one call (and change) per path
             for path in paths:

@@ -332,3 +332,38 @@ def test_socket_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
     assert second.holder() is None and second.acquire()
     second.release()
 
+
+
+def test_an_inotify_queue_overflow_makes_the_watcher_rescan(tmp_path):
+    """Events lost to a kernel queue overflow are recovered by a full rescan (watchdog only rebuilds its
+    watches): a file that arrived unseen is loaded."""
+    import threading
+
+    from sdrepl.daemon.watcher import FolderWatcher
+
+    class Library:
+        def __init__(self) -> None:
+            self.scans = threading.Event()
+
+        def scan(self):
+            self.scans.set()
+            return None
+
+        def update_paths(self, paths, *, force=False):
+            return None
+
+        def remove_paths(self, paths):
+            return None
+
+    library = Library()
+    watcher = FolderWatcher([tmp_path], library, lambda change: None)
+    watcher.start()
+    try:
+        if watcher.mode != "inotify":
+            pytest.skip("needs inotify")
+        groups = [e._inotify for e in watcher._observer.emitters]
+        assert groups and all("on_queue_overflow" in vars(g) for g in groups)  # the hook is installed
+        groups[0].on_queue_overflow()  # what watchdog's reader calls when the kernel says IN_Q_OVERFLOW
+        assert library.scans.wait(5)
+    finally:
+        watcher.stop()
