@@ -93,9 +93,22 @@ def test_worker_runs_foreground_fifo_and_between_background_steps() -> None:
     worker = DeviceWorker(on_change=lambda pending, running: changes.append((pending, running)))
     worker.start()
     try:
-        job = CountingJob(30, log)
+        hold, inside, release = threading.Event(), threading.Event(), threading.Event()
+
+        class HeldJob(CountingJob):
+            """Holds the device thread inside one step, so that all three items are queued together."""
+
+            def run_step(self) -> bool:
+                if hold.is_set() and not release.is_set():
+                    inside.set()
+                    release.wait(10)
+                return super().run_step()
+
+        job = HeldJob(30, log)
         worker.set_background(job)
         wait_until(lambda: "step" in log)  # the background job is stepping
+        hold.set()
+        assert inside.wait(10)
 
         async def scenario() -> list[int]:
             def item(i: int):
@@ -103,7 +116,11 @@ def test_worker_runs_foreground_fifo_and_between_background_steps() -> None:
                     log.append(f"fg{i}")
                     return i
                 return fn
-            return list(await asyncio.gather(*(worker.run(item(i), label="generate") for i in range(3))))
+            tasks = [asyncio.ensure_future(worker.run(item(i), label="generate")) for i in range(3)]
+            while worker.pending < 3:
+                await asyncio.sleep(0.001)
+            release.set()
+            return list(await asyncio.gather(*tasks))
 
         assert asyncio.run(scenario()) == [0, 1, 2]
         first = log.index("fg0")
