@@ -16,6 +16,7 @@ import json
 import re
 from typing import Any
 
+from sdrepl.core import json_text
 from sdrepl.core.errors import Cancelled as Cancelled  # re-exported: core work raises it too
 from sdrepl.core.errors import SdreplError
 
@@ -54,13 +55,14 @@ def encode(message: dict[str, Any]) -> bytes:
     """One message as a protocol line. Non-JSON values (paths, numpy numbers) are sent as strings.
 
     A message holding a lone surrogate (a file-name byte that is not UTF-8) goes out ASCII-escaped, the
-    surrogate as ``\\udcXX``: still one valid JSON line, and the name survives the round trip.
+    surrogate as ``\\udcXX``: still one valid JSON line, and the name survives the round trip. A non-finite
+    number (a diverged loss) goes out as ``null`` (``core.json_text``): ``NaN`` is not JSON.
     """
-    text = json.dumps(message, ensure_ascii=False, separators=(",", ":"), default=str)
+    text = json_text.dumps(message, ensure_ascii=False, separators=(",", ":"), default=str)
     try:
         return (text + "\n").encode("utf-8")
     except UnicodeEncodeError:
-        return (json.dumps(message, ensure_ascii=True, separators=(",", ":"), default=str) + "\n").encode("ascii")
+        return (json_text.dumps(message, ensure_ascii=True, separators=(",", ":"), default=str) + "\n").encode("ascii")
 
 
 def lone_surrogate(text: str) -> int | None:

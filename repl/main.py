@@ -29,6 +29,20 @@ def log_path() -> Path:
     return Path(user_state_dir("sdrepl")) / "repl.log"
 
 
+class PrivateLogHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log file opened as the daemon opens its own (``runtime_dir.open_private``): never through
+    a symbolic link, only a regular file of the user's, mode 0600. A link planted at ``repl.log`` (towards
+    ``~/.bashrc``, say) would otherwise have every log line appended to its target."""
+
+    def _open(self) -> TextIO:  # type: ignore[override]
+        import os
+
+        from sdrepl.daemon.runtime_dir import open_private
+
+        fd = open_private(Path(self.baseFilename), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        return os.fdopen(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)
+
+
 def setup_logging() -> Path | None:
     """Send the client side's log to a file, never to the terminal (it would tear the prompt)."""
     logger = logging.getLogger("sdrepl")
@@ -38,8 +52,8 @@ def setup_logging() -> Path | None:
             return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.handlers.RotatingFileHandler(path, maxBytes=1_000_000, backupCount=2, encoding="utf-8")
-    except OSError:
+        handler = PrivateLogHandler(path, maxBytes=1_000_000, backupCount=2, encoding="utf-8")
+    except (OSError, SdreplError):  # unwritable, or a link / not the user's file: run without a log
         return None
     handler.setFormatter(VisibleFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
@@ -74,7 +88,8 @@ def run_repl(settings: Any, *, json_mode: bool = False, fail_fast: bool = False,
         return 2
     except Exception as exc:
         log.exception("the REPL stopped on an internal error")
-        details = f"details in {where}" if where else f"no details: {log_path()} is not writable"
+        details = (f"details in {where}" if where else
+                   f"no details: {log_path()} could not be opened (not writable, or a symbolic link)")
         print(f"sdrepl: internal error: {type(exc).__name__}: {exc} ({details})", file=sys.stderr)
         return 1
     finally:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import logging
 import os
 import queue
@@ -35,6 +34,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
+from sdrepl.core import json_text
 from sdrepl.core.display import visible
 from sdrepl.core.errors import SdreplError
 from sdrepl.repl import render
@@ -153,7 +153,7 @@ class ProgressPrinter:
 def render_result(logical: LogicalLine, result: LineResult, *, json_mode: bool) -> list[str]:
     """The stdout lines for one executed line (see the module docstring for the format)."""
     if json_mode:
-        return [json.dumps(result.to_json(logical.number, logical.source), default=str)]
+        return [json_text.dumps(result.to_json(logical.number, logical.source), default=str)]
     lines = []
     if result.ok or (result.text and not result.text.startswith("error: ")):
         lines += [result.text] if result.text else []

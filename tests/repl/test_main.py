@@ -57,3 +57,28 @@ def test_an_internal_error_names_the_log_and_shows_no_traceback(tmp_path, capsys
     log_file = tmp_path / "state" / "sdrepl" / "repl.log"
     assert err.startswith("sdrepl: internal error: RuntimeError: a bug") and str(log_file) in err
     assert "Traceback" not in err and "Traceback" in log_file.read_text()
+
+
+def test_log_file_is_never_written_through_a_planted_symlink(tmp_path) -> None:
+    """A link at repl.log towards another file of the user's: no log, and the target is untouched."""
+    target = tmp_path / "bashrc"
+    target.write_text("export PATH=/usr/bin\n")
+    path = main.log_path()
+    path.parent.mkdir(parents=True)
+    path.symlink_to(target)
+    assert main.setup_logging() is None
+    logging.getLogger("sdrepl.repl").warning("this line must not reach the link's target")
+    assert target.read_text() == "export PATH=/usr/bin\n"
+
+
+def test_log_file_is_private_and_rotates_without_following_links(tmp_path) -> None:
+    where = main.setup_logging()
+    assert where == main.log_path()
+    handler = next(h for h in logging.getLogger("sdrepl").handlers if isinstance(h, main.PrivateLogHandler))
+    logging.getLogger("sdrepl.repl").info("first line")
+    handler.flush()
+    assert (where.stat().st_mode & 0o777) == 0o600 and "first line" in where.read_text()
+    handler.doRollover()  # renames repl.log to repl.log.1 and opens a fresh private file
+    logging.getLogger("sdrepl.repl").info("after rollover")
+    handler.flush()
+    assert "after rollover" in where.read_text() and "first line" in (where.parent / "repl.log.1").read_text()
