@@ -183,8 +183,12 @@ def _choice(options: tuple[str, ...]):
 
 
 def check_name(value: Any, command: str = "!train") -> str:
-    """An embedding name usable as a file name and a ``<name>``, or a TrainingError saying why not."""
-    text = _str("name", value).strip()
+    """An embedding name usable as a file name and a ``<name>``, or a TrainingError saying why not.
+
+    The name is taken as given, not trimmed: ``"cat\\n"`` from a script is refused (it names the newline)
+    rather than quietly becoming ``cat``, so a client never works on another name than the one it sent.
+    The REPL's own tokenizer never hands over surrounding whitespace."""
+    text = _str("name", value)
     problem = name_problem(text)
     if problem is not None:
         raise TrainingError(

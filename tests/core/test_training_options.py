@@ -95,3 +95,13 @@ def test_errors_name_the_option(params, expected):
     with pytest.raises(TrainingError) as info:
         TrainOptions.from_params({"name": "cat", "data": "/pics", **params})
     assert expected in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["cat\n", " cat", "cat\t"])
+def test_a_name_with_surrounding_whitespace_is_refused_not_trimmed(name):
+    """A script that sends ``"cat\\n"`` must not get an embedding called ``cat`` without being told."""
+    from sdrepl.core.training.options import check_name
+
+    with pytest.raises(TrainingError, match="not a usable embedding name"):
+        check_name(name, "!create")
+    assert check_name("cat", "!create") == "cat"
