@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sdrepl.core.errors import SdreplError
+from sdrepl.core.picture_files import MAX_PICTURE_FILE_BYTES
 
 #: A1111's pattern for one ``Key: value`` pair of the last line (a quoted value may hold commas).
 _PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -188,8 +189,9 @@ def _exif_user_comment(image: Any) -> str | None:
     return body.decode("utf-8", errors="replace").rstrip("\0") or None
 
 
-#: The largest picture ``!fetch`` reads, and the longest ``parameters`` text it takes from one.
-MAX_PICTURE_BYTES = 256 * 1024 * 1024
+#: The largest picture ``!fetch`` reads (the limit every picture reader shares), and the longest
+#: ``parameters`` text it takes from one.
+MAX_PICTURE_BYTES = MAX_PICTURE_FILE_BYTES
 MAX_PARAMETERS_BYTES = 1024 * 1024
 
 

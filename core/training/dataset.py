@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from sdrepl.core.errors import TrainingError
+from sdrepl.core.picture_files import PictureError, open_picture
 from sdrepl.core.training.captions import compile_filename_regex, read_caption
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -151,11 +152,9 @@ def load_dataset(
     too_small: list[str] = []
     for path in paths:
         try:
-            with Image.open(path) as img:
-                img.load()
-                image = ImageOps.exif_transpose(img).convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            unreadable.append(f"{path.name} ({_reason(exc)})")
+            image = open_picture(path)  # the header's size is checked before any pixel is decoded
+        except PictureError as exc:
+            unreadable.append(f"{path.name} ({exc.reason[:160]})")
             continue
         if not center_crop and (image.width < width or image.height < height):
             too_small.append(f"{path.name} ({image.width}x{image.height})")
@@ -252,8 +251,3 @@ class EpochOrder:
 def _listing(items: list[str]) -> str:
     shown = ", ".join(items[:_LIST])
     return shown if len(items) <= _LIST else f"{shown} and {len(items) - _LIST} more"
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:120]

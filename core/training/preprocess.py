@@ -14,9 +14,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from sdrepl.core.errors import TrainingError
+from sdrepl.core.picture_files import PictureError, open_picture
 from sdrepl.core.training.captions import NUMBERING, read_caption, sidecar_path
 from sdrepl.core.training.dataset import IMAGE_SUFFIXES, fit
 
@@ -61,11 +62,9 @@ def preprocess(src: Path, dst: Path, size: int, *, crop: str = "center", flip: b
                 report.skipped.append({"path": str(path), "reason": "not a picture"})
             continue
         try:
-            with Image.open(path) as img:
-                img.load()
-                image = ImageOps.exif_transpose(img).convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            report.skipped.append({"path": str(path), "reason": f"cannot read it ({str(exc)[:120]})"})
+            image = open_picture(path)  # the header's size is checked before any pixel is decoded
+        except PictureError as exc:
+            report.skipped.append({"path": str(path), "reason": f"cannot read it ({exc.reason[:160]})"})
             continue
         text = read_caption(path)
         has_sidecar = sidecar_path(path).is_file()

@@ -108,3 +108,13 @@ def test_epoch_order_visits_every_repeat_and_replays_from_its_state():
     again.load_state_dict(state)
     assert again.take(7) == ahead
     assert again.epoch == 2
+
+
+def test_a_picture_whose_header_declares_a_huge_size_is_listed_not_decoded(tmp_path):
+    """A small PNG claiming 9000x9000 would cost ~240 MB decoded: it is named as unreadable."""
+    from attack_corpus import png
+
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "good.png")
+    (tmp_path / "bomb.png").write_bytes(png(9000, 9000))
+    with pytest.raises(TrainingError, match=r"1 picture\(s\) cannot be read: bomb.png \(its header declares 9000x9000"):
+        load_dataset(tmp_path, (64, 64))
