@@ -331,13 +331,14 @@ async def _start_workers(ctx: Any, server: Any, settings: Settings, devices: lis
     from sdrepl.core.models import load_model
     from sdrepl.daemon.workers import WorkerPool
 
-    primary = ctx.residency.model
-    pool = WorkerPool(ctx.worker, settings.device)
-    pool.start_model_name = primary.name
+    def loader(spec: str, device: str) -> Any:  # also what !model loads on every further device
+        return load_model(spec, device, settings.dtype, prediction_type=settings.prediction_type,
+                          compile=settings.compile)
+
+    pool = WorkerPool(ctx.worker, settings.device, spec=settings.model, loader=loader)
     for device in devices:
         started = time.monotonic()
-        model = await asyncio.to_thread(load_model, settings.model, device, settings.dtype,
-                                        prediction_type=settings.prediction_type, compile=settings.compile)
+        model = await asyncio.to_thread(loader, settings.model, device)
         slot = pool.add(device, model)
         log.info("worker %s: model %s loaded in %.1f s", slot.label, model.name, time.monotonic() - started)
     ctx.pool = pool

@@ -5,9 +5,14 @@ InvokeAI's multi-GPU design is the anchor: the model is loaded on every device, 
 first (a FIFO of free workers: the waiting request that came first gets the worker that frees first).
 Worker 0 is the daemon's usual device (its residency: keep-alive, ``!model``, training); the others keep
 their model loaded for the daemon's life. Training runs on worker 0 only (``status`` says so), and a
-generation sent to worker 0 while it trains waits at most one training step, as before. After ``!model``
-switched worker 0 to another model, the others (still on the start-up model) serve no more generations
-until the daemon restarts, so every picture comes from the model the daemon reports.
+generation sent to worker 0 while it trains waits at most one training step, as before.
+
+``!model`` switches worker 0 first (validated there: a bad spec changes nothing anywhere), then every
+further device loads the same spec on its own thread, after the generation it is running (each worker
+runs its queue in order, so a generation already on a device finishes on the old model). A generation
+always checks, on the device thread, that the device holds the daemon's current model, loading it there
+first if not, so every picture comes from the model the daemon reports. A device that cannot load it
+(out of memory, say) is retired with a logged reason and ``status`` shows it; the others go on serving.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +64,10 @@ class Slot:
     device: str
     worker: DeviceWorker
     model: Any = None
+    #: The ``--model`` / ``!model`` spec ``model`` was loaded from (worker 0: unused).
+    spec: str | None = None
+    #: Why this device serves no more generations (it could not load the daemon's model), or None.
+    retired: str | None = None
 
     @property
     def label(self) -> str:
@@ -67,19 +77,23 @@ class Slot:
 class WorkerPool:
     """The devices of one daemon and the FIFO of free ones (see the module docstring)."""
 
-    def __init__(self, primary: DeviceWorker, primary_device: str) -> None:
+    def __init__(self, primary: DeviceWorker, primary_device: str, spec: str | None = None,
+                 loader: Callable[[str, str], Any] | None = None) -> None:
         self.slots = [Slot(0, primary_device, primary)]
         self._free: asyncio.Queue[Slot] | None = None
-        self.start_model_name: str | None = None
+        #: The daemon's model spec (what every device must hold); ``loader(spec, device)`` loads it.
+        self.spec = spec
+        self.loader = loader
+        self._reloads: set[asyncio.Future] = set()
 
     @property
     def size(self) -> int:
         return len(self.slots)
 
     def add(self, device: str, model: Any, on_change: Callable[[int, str | None], None] | None = None) -> Slot:
-        """A further device whose ``model`` is loaded (call before serving)."""
+        """A further device whose ``model`` (loaded from ``self.spec``) is loaded (call before serving)."""
         worker = DeviceWorker(on_change=on_change, name=f"sdrepl-device-{len(self.slots)}")
-        slot = Slot(len(self.slots), device, worker, model)
+        slot = Slot(len(self.slots), device, worker, model, self.spec)
         self.slots.append(slot)
         worker.start()
         return slot
@@ -125,23 +139,72 @@ class WorkerPool:
                   label: str = "generate") -> tuple[Any, Slot]:
         """Run ``fn(model)`` on the first free device's thread; returns its result and the slot used.
 
-        Worker 0 uses ``primary_model`` (the residency's, held by the caller); another worker serves only
-        while ``primary_model`` is still the model it loaded at start-up."""
+        Worker 0 uses ``primary_model`` (the residency's, held by the caller); another worker first makes
+        sure it holds the daemon's current model (see the module docstring). A worker that cannot load it
+        is retired (not put back; worker 0 always is, so a request never waits forever) and the request
+        goes to the next free one."""
         queue = self._queue()
         while True:
             slot = await self._acquire(cancel_event)
-            if slot.index == 0 or getattr(primary_model, "name", None) == self.start_model_name:
-                break
-            # !model switched worker 0: this worker's model is not the daemon's any more; retire it
-            # (not put back; worker 0 always is, so a request never waits forever).
-            log.warning("worker %s holds the start-up model, not %s; it serves no more generations", slot.label,
-                        getattr(primary_model, "name", "?"))
-        try:
-            model = primary_model if slot.index == 0 else slot.model
-            result = await slot.worker.run(lambda: fn(model), cancel_event=cancel_event, label=label)
-        finally:
+            if slot.index == 0:
+                try:
+                    result = await slot.worker.run(lambda: fn(primary_model), cancel_event=cancel_event,
+                                                   label=label)
+                finally:
+                    queue.put_nowait(slot)
+                return result, slot
+            try:
+                result = await slot.worker.run(lambda s=slot: fn(self._current(s)), cancel_event=cancel_event,
+                                               label=label)
+            except _Retired:
+                continue  # not put back: the next free worker takes the request
+            except BaseException:
+                queue.put_nowait(slot)
+                raise
             queue.put_nowait(slot)
-        return result, slot
+            return result, slot
+
+    def _current(self, slot: Slot) -> Any:
+        """On ``slot``'s thread: its model, loaded first if the daemon switched since (``!model``)."""
+        if slot.retired is not None:  # its background load failed: one try per switch
+            raise _Retired(slot.retired)
+        if slot.spec != self.spec:
+            self._reload(slot)
+        return slot.model
+
+    def _reload(self, slot: Slot) -> None:
+        """On ``slot``'s thread: drop its model, load ``self.spec``; retire the slot if that fails."""
+        from sdrepl.daemon.residency import free_device_memory
+
+        spec = self.spec
+        if slot.spec == spec or spec is None or self.loader is None:
+            return
+        device = getattr(slot.model, "device", slot.device)
+        slot.model, slot.spec = None, None  # the old model leaves the device first (two rarely fit)
+        free_device_memory(device)
+        started = time.monotonic()
+        try:
+            slot.model = self.loader(spec, slot.device)
+        except Exception as exc:
+            slot.retired = f"could not load model {spec}: {exc}"
+            log.warning("worker %s retired: %s", slot.label, slot.retired)
+            raise _Retired(slot.retired) from exc
+        slot.spec = spec
+        log.info("worker %s: model %s loaded in %.1f s", slot.label, spec, time.monotonic() - started)
+
+    def switched(self, spec: str) -> None:
+        """Worker 0 now holds ``spec`` (``!model``): every further device loads it next, in the background."""
+        self.spec = spec
+        for slot in self.slots[1:]:
+            if slot.retired is None:
+                task = asyncio.ensure_future(slot.worker.run(lambda s=slot: self._reload(s), label="load model"))
+                self._reloads.add(task)
+                task.add_done_callback(self._reload_done)
+
+    def _reload_done(self, task: asyncio.Future) -> None:
+        self._reloads.discard(task)
+        if not task.cancelled() and task.exception() is not None and not isinstance(task.exception(), _Retired):
+            log.warning("a worker's model load failed: %s", task.exception())
 
     def discard(self, cancel_event: threading.Event) -> None:
         for slot in self.slots[1:]:
@@ -155,5 +218,16 @@ class WorkerPool:
         return all([slot.worker.stop(timeout) for slot in self.slots[1:]])
 
     def describe(self) -> list[dict[str, Any]]:
-        return [{"index": s.index, "device": s.device, "pending": s.worker.pending, "running": s.worker.running}
-                for s in self.slots]
+        rows = []
+        for s in self.slots:
+            row = {"index": s.index, "device": s.device, "pending": s.worker.pending, "running": s.worker.running}
+            if s.index:
+                row["model"] = s.spec  # None while it loads the daemon's new model
+                if s.retired is not None:
+                    row["retired"] = s.retired
+            rows.append(row)
+        return rows
+
+
+class _Retired(Exception):
+    """A worker that could not load the daemon's model; its request goes to another worker."""
