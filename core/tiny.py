@@ -68,7 +68,7 @@ def load_tokenizer(pad_token: str = "<|endoftext|>"):
 
 def build_tiny(name: str):
     """Build the named tiny pipeline from scratch, deterministically (same weights on every machine)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from sdrepl.core.samplers import make_scheduler
@@ -109,18 +109,7 @@ def build_tiny(name: str):
             attention_head_dim=8,
             norm_num_groups=8,
         ).eval()
-        torch.manual_seed(SEED + 2)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 16, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=TINY_SIZE,
-        ).eval()
+        vae = tiny_vae(SEED + 2)
     finally:
         torch.random.set_rng_state(generator_state)
     pipe = StableDiffusionPipeline(
@@ -135,6 +124,27 @@ def build_tiny(name: str):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_vae(seed: int, **config):
+    """The tiny models' VAE: 8x downsampling like SD's with few channels, random weights from ``seed``
+    (``config``: e.g. SDXL's ``scaling_factor``). One definition for every tiny model; the weights depend
+    on the seed and construction order only, so cached tiny folders stay byte-identical."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=TINY_SIZE,
+        **config,
+    ).eval()
 
 
 def like_trained_layer_norms(module: torch.nn.Module) -> None:

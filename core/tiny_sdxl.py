@@ -17,7 +17,14 @@ from __future__ import annotations
 
 import torch
 
-from sdrepl.core.tiny import SEED, TINY_SIZE, UNET_CHANNELS, like_trained_layer_norms, load_tokenizer
+from sdrepl.core.tiny import (
+    SEED,
+    TINY_SIZE,
+    UNET_CHANNELS,
+    like_trained_layer_norms,
+    load_tokenizer,
+    tiny_vae,
+)
 
 #: The width of each encoder (what SDXL embedding pairs must match) and their concatenation.
 CLIP_L_WIDTH = 768
@@ -49,7 +56,7 @@ def _text_config(width: int, heads: int, act: str, pad_id: int, projection: bool
 
 def build_tiny_sdxl():
     """Build ``tiny-sdxl`` from scratch, deterministically (same weights on every machine)."""
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from sdrepl.core.samplers import make_scheduler
@@ -79,19 +86,7 @@ def build_tiny_sdxl():
             projection_class_embeddings_input_dim=CLIP_G_WIDTH + 6 * TIME_EMBED_DIM,
             norm_num_groups=8,
         ).eval()
-        torch.manual_seed(SEED + 13)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 16, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=TINY_SIZE,
-            scaling_factor=VAE_SCALE,
-        ).eval()
+        vae = tiny_vae(SEED + 13, scaling_factor=VAE_SCALE)
     finally:
         torch.random.set_rng_state(state)
     pipe = StableDiffusionXLPipeline(
