@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 from daemon_testing import make_daemon, short_dir
+from repl_testing import repl_env
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -29,13 +30,6 @@ TITLE = "x\x1b]2;PWNED\x07.pt"
 FAKE_LINE = "a\nembeddings new: <evil>.pt"
 
 
-def clean_env(tmp) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SDREPL_")}
-    env.update(XDG_STATE_HOME=str(tmp / "state"), XDG_DATA_HOME=str(tmp / "data"),
-               SDREPL_HISTORY=str(tmp / "history"), TOKENIZERS_PARALLELISM="false", TERM="xterm",
-               PYTHONUNBUFFERED="1", PROMPT_TOOLKIT_NO_CPR="1", OMP_NUM_THREADS="1")
-    return env
-
 
 @pytest.fixture(scope="module")
 def daemon(fixtures_dir):
@@ -43,7 +37,7 @@ def daemon(fixtures_dir):
     proc = make_daemon(tmp)
     shutil.copy(fixtures_dir / "a1111" / "bad-hands-5.pt", os.fsencode(proc.embeddings) + b"/" + NOT_UTF8)
     shutil.copy(fixtures_dir / "a1111" / "bad-artist.pt", proc.embeddings / TITLE)
-    proc.env = clean_env(tmp)
+    proc.env = repl_env(tmp)
     try:
         proc.start(cwd=tmp)
         yield SimpleNamespace(embeddings=proc.embeddings, env=proc.env, args=proc.settings.daemon_args(), tmp=tmp,

@@ -8,29 +8,19 @@ prints (``!tokens`` output is distinct from the toolbar: it says ``embeddings: N
 
 from __future__ import annotations
 
-import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from daemon_testing import make_daemon, short_dir
+from repl_testing import PROMPT, close_repl, repl_env, spawn_repl
 
 pexpect = pytest.importorskip("pexpect")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-PROMPT = "sd> "
-
-
-def clean_env(tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SDREPL_")}
-    env.update(XDG_STATE_HOME=str(tmp / "state"), XDG_DATA_HOME=str(tmp / "data"),
-               SDREPL_HISTORY=str(tmp / "history"), TOKENIZERS_PARALLELISM="false", TERM="xterm",
-               PYTHONUNBUFFERED="1", PROMPT_TOOLKIT_NO_CPR="1")
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +29,7 @@ def daemon(fixtures_dir):
     proc = make_daemon(tmp)
     for name in ("bad-hands-5.pt", "bad-prompt.pt"):
         shutil.copy(fixtures_dir / "a1111" / name, proc.embeddings / name)
-    proc.env = clean_env(tmp)
+    proc.env = repl_env(tmp)
     try:
         proc.start(cwd=tmp)
         yield SimpleNamespace(socket=proc.socket, embeddings=proc.embeddings, outputs=proc.outputs, env=proc.env,
@@ -51,21 +41,11 @@ def daemon(fixtures_dir):
 
 @pytest.fixture
 def repl(daemon):
-    child = pexpect.spawn(sys.executable, ["-m", "sdrepl", *daemon.args], env=daemon.env, cwd=str(daemon.tmp),
-                          dimensions=(40, 160), encoding="utf-8", timeout=60, codec_errors="replace")
-    child.logfile_read = open(daemon.tmp / "repl-screen.log", "a")  # noqa: SIM115 - for post-mortems
+    child = spawn_repl(daemon.args, daemon.env, daemon.tmp, log=daemon.tmp / "repl-screen.log")
     try:
-        child.expect("sdrepl · model tiny")
-        child.expect_exact(PROMPT)
         yield child
     finally:
-        if child.isalive():
-            child.sendcontrol("d")
-            try:
-                child.expect(pexpect.EOF, timeout=10)
-            except pexpect.TIMEOUT:
-                child.terminate(force=True)
-        child.logfile_read.close()
+        close_repl(child)
 
 
 def complete(child, typed: str) -> None:

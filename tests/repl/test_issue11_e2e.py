@@ -19,20 +19,12 @@ from types import SimpleNamespace
 
 import pytest
 from daemon_testing import make_daemon, short_dir
+from repl_testing import PROMPT, close_repl, repl_env, spawn_repl
 
 pexpect = pytest.importorskip("pexpect")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-PROMPT = "sd> "
-
-
-def clean_env(tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SDREPL_")}
-    env.update(XDG_STATE_HOME=str(tmp / "state"), XDG_DATA_HOME=str(tmp / "data"),
-               SDREPL_HISTORY=str(tmp / "history"), TOKENIZERS_PARALLELISM="false", TERM="xterm",
-               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +32,7 @@ def daemon(fixtures_dir):
     tmp = short_dir("sdrepl-i11-")
     proc = make_daemon(tmp)
     shutil.copy(fixtures_dir / "a1111" / "bad-hands-5.pt", proc.embeddings / "bad-hands-5.pt")
-    proc.env = clean_env(tmp)
+    proc.env = repl_env(tmp)
     try:
         proc.start(cwd=tmp)
         yield SimpleNamespace(proc=proc, socket=proc.socket, embeddings=proc.embeddings, outputs=proc.outputs,
@@ -51,13 +43,7 @@ def daemon(fixtures_dir):
 
 
 def spawn(daemon, *extra: str):
-    child = pexpect.spawn(sys.executable, ["-m", "sdrepl", *daemon.args, *extra], env=daemon.env,
-                          cwd=str(daemon.tmp), dimensions=(40, 160), encoding="utf-8", timeout=60,
-                          codec_errors="replace")
-    child.logfile_read = open(daemon.tmp / "repl-screen.log", "a")  # noqa: SIM115 - for post-mortems
-    child.expect("sdrepl · model tiny")
-    child.expect_exact(PROMPT)
-    return child
+    return spawn_repl([*daemon.args, *extra], daemon.env, daemon.tmp, log=daemon.tmp / "repl-screen.log")
 
 
 @pytest.fixture
@@ -66,13 +52,7 @@ def repl(daemon):
     try:
         yield child
     finally:
-        if child.isalive():
-            child.sendcontrol("d")
-            try:
-                child.expect(pexpect.EOF, timeout=10)
-            except pexpect.TIMEOUT:
-                child.terminate(force=True)
-        child.logfile_read.close()
+        close_repl(child)
 
 
 def pictures(daemon) -> set[Path]:

@@ -4,18 +4,16 @@ LoRA file dropped while the REPL runs is announced on screen and completes at on
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from types import SimpleNamespace
 
 import pytest
 from daemon_testing import make_daemon, short_dir
+from repl_testing import close_repl, repl_env, spawn_repl
 
 pexpect = pytest.importorskip("pexpect")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-PROMPT = "sd> "
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +28,7 @@ def daemon():
     pipe = build_tiny("tiny")
     kohya_file(tmp / "loras" / "watercolor.safetensors", pipe, seed=1)
     kohya_file(tmp / "later.safetensors", pipe, seed=2)
-    import os
-
-    proc.env = {k: v for k, v in os.environ.items() if not k.startswith("SDREPL_")}
-    proc.env.update(XDG_STATE_HOME=str(tmp / "state"), SDREPL_HISTORY=str(tmp / "history"), TERM="xterm",
-                    TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", PROMPT_TOOLKIT_NO_CPR="1")
+    proc.env = repl_env(tmp)
     try:
         proc.start(cwd=tmp)
         yield SimpleNamespace(args=proc.settings.daemon_args(), env=proc.env, tmp=tmp)
@@ -45,19 +39,11 @@ def daemon():
 
 @pytest.fixture
 def repl(daemon):
-    child = pexpect.spawn(sys.executable, ["-m", "sdrepl", *daemon.args], env=daemon.env, cwd=str(daemon.tmp),
-                          dimensions=(40, 160), encoding="utf-8", timeout=60, codec_errors="replace")
+    child = spawn_repl(daemon.args, daemon.env, daemon.tmp)
     try:
-        child.expect("sdrepl · model tiny")
-        child.expect_exact(PROMPT)
         yield child
     finally:
-        if child.isalive():
-            child.sendcontrol("d")
-            try:
-                child.expect(pexpect.EOF, timeout=10)
-            except pexpect.TIMEOUT:
-                child.terminate(force=True)
+        close_repl(child)
 
 
 def test_tab_completes_a_lora_and_tokens_show_it(repl):

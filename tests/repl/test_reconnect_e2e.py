@@ -10,23 +10,14 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from daemon_testing import daemon_env, make_daemon, short_dir
+from repl_testing import PROMPT, repl_env
 
 pexpect = pytest.importorskip("pexpect")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-PROMPT = "sd> "
-
-
-def repl_env(root: Path) -> dict[str, str]:
-    env = {k: v for k, v in daemon_env().items() if not k.startswith("SDREPL_")}
-    env.update(XDG_STATE_HOME=str(root / "state"), XDG_DATA_HOME=str(root / "data"),
-               SDREPL_HISTORY=str(root / "history"), TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1")
-    return env
 
 
 @pytest.fixture
@@ -45,7 +36,7 @@ def daemon(fixtures_dir):
 
 
 def test_sigkill_restart_and_autostart_under_an_open_repl(daemon):
-    child = pexpect.spawn(sys.executable, ["-m", "sdrepl", *daemon.settings.daemon_args()], env=repl_env(daemon.root),
+    child = pexpect.spawn(sys.executable, ["-m", "sdrepl", *daemon.settings.daemon_args()], env=repl_env(daemon.root, daemon_env()),
                           cwd=str(daemon.root), dimensions=(40, 160), encoding="utf-8", timeout=60)
     child.logfile_read = open(daemon.root / "screen.log", "a")  # noqa: SIM115 - for post-mortems
     try:
@@ -85,7 +76,7 @@ def test_sigkill_restart_and_autostart_under_an_open_repl(daemon):
 def test_a_scripted_line_lost_with_the_daemon_fails_and_the_next_reconnects(daemon):
     proc = subprocess.Popen([sys.executable, "-m", "sdrepl", "--json", *daemon.settings.daemon_args()],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=repl_env(daemon.root), cwd=daemon.root)
+                            env=repl_env(daemon.root, daemon_env()), cwd=daemon.root)
     try:
         proc.stdin.write("a long one --steps 1000 --size 64x64\n")
         proc.stdin.flush()
