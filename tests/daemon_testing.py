@@ -166,3 +166,27 @@ class EventLog:
 
     def mark(self) -> int:
         return len(self.events)
+
+
+def raw_exchange(sock_path: Path, lines: list[bytes], replies: int, timeout: float = 30.0) -> list[dict]:
+    """Send raw protocol lines on one Unix-socket connection and collect ``replies`` replies (events are
+    skipped); fails if the daemon closes the connection first. For tests of malformed input."""
+    import json
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(sock_path))
+        s.sendall(b"".join(line + b"\n" for line in lines))
+        buffer = b""
+        out: list[dict] = []
+        while len(out) < replies:
+            chunk = s.recv(65536)
+            assert chunk, f"the daemon closed the connection after {out}"
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                message = json.loads(line)
+                if message["type"] == "reply":
+                    out.append(message)
+        return out

@@ -16,42 +16,24 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from daemon_testing import DaemonProcess, EventLog, run
+from daemon_testing import DaemonProcess, EventLog, raw_exchange, run
 
 from sdrepl.daemon.client import request_sync
 
 pytestmark = pytest.mark.e2e
 
 
-def exchange(sock_path: Path, lines: list[bytes], replies: int, timeout: float = 30.0) -> list[dict]:
-    """Send raw lines, collect ``replies`` replies; fails if the daemon closes the connection first."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(str(sock_path))
-        s.sendall(b"".join(line + b"\n" for line in lines))
-        buffer, out = b"", []
-        while len(out) < replies:
-            chunk = s.recv(65536)
-            assert chunk, f"the daemon closed the connection after {out}"
-            buffer += chunk
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                message = json.loads(line)
-                if message["type"] == "reply":
-                    out.append(message)
-        return out
-
 
 def test_deeply_nested_line_gets_bad_request_and_the_connection_stays(daemon: DaemonProcess) -> None:
     bomb, ping = b"[" * 100_000, b'{"id": "after", "type": "ping"}'
-    first, second = exchange(daemon.socket, [bomb, ping], 2)
+    first, second = raw_exchange(daemon.socket, [bomb, ping], 2)
     assert first["id"] is None and first["error"]["type"] == "BadRequest"
     assert "too deeply" in first["error"]["message"]
     assert second == {"id": "after", "type": "reply", "ok": True, "result": {}}
 
 
 def test_lone_surrogate_in_an_id_is_bad_request(daemon: DaemonProcess) -> None:
-    first, second = exchange(daemon.socket, [b'{"id": "a\\ud800", "type": "ping"}', b'{"id": 2, "type": "ping"}'], 2)
+    first, second = raw_exchange(daemon.socket, [b'{"id": "a\\ud800", "type": "ping"}', b'{"id": 2, "type": "ping"}'], 2)
     assert first["id"] is None and first["error"]["type"] == "BadRequest"
     assert "lone surrogate" in first["error"]["message"]
     assert second["id"] == 2 and second["ok"]
@@ -60,7 +42,7 @@ def test_lone_surrogate_in_an_id_is_bad_request(daemon: DaemonProcess) -> None:
 @pytest.mark.parametrize("request_type", ["tokens", "generate"])
 def test_lone_surrogate_in_a_prompt_is_bad_request(daemon: DaemonProcess, request_type: str) -> None:
     line = json.dumps({"id": "s", "type": request_type, "prompt": "a cat \udcff"}).encode()
-    [reply] = exchange(daemon.socket, [line], 1)
+    [reply] = raw_exchange(daemon.socket, [line], 1)
     assert reply["id"] == "s" and reply["error"]["type"] == "BadRequest", reply
     assert "'prompt' holds a lone surrogate" in reply["error"]["message"]
 

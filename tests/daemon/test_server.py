@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from daemon_testing import DaemonProcess, EventLog, daemon_env, run
+from daemon_testing import DaemonProcess, EventLog, daemon_env, raw_exchange, run
 from PIL import Image
 
 from sdrepl.core.pnginfo import parse_parameters, read_png_parameters
@@ -43,24 +41,6 @@ def test_two_clients_generate_at_once(daemon: DaemonProcess) -> None:
 
     run(scenario())
 
-
-def raw_exchange(sock_path: Path, lines: list[bytes], replies: int, timeout: float = 30.0) -> list[dict]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(str(sock_path))
-        s.sendall(b"".join(line + b"\n" for line in lines))
-        buffer = b""
-        out: list[dict] = []
-        while len(out) < replies:
-            chunk = s.recv(65536)
-            assert chunk, f"the daemon closed the connection after {out}"
-            buffer += chunk
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                message = json.loads(line)
-                if message["type"] == "reply":
-                    out.append(message)
-        return out
 
 
 def test_bad_messages_get_error_replies_and_the_daemon_stays_up(daemon: DaemonProcess) -> None:
