@@ -9,6 +9,7 @@ does not unload it under a paused run).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 from pathlib import Path
@@ -180,3 +181,60 @@ async def preprocess_request(ctx: DaemonContext, params: dict, req: Request) -> 
     p.finish()
     report = await asyncio.to_thread(preprocess, Path(src), Path(dst), size, crop=crop, flip=flip, caption=caption)
     return report.describe()
+
+
+#: The plot a training log folder holds (``core.training.outputs.RunOutputs.plot_path``).
+PLOT_NAME = "loss.png"
+
+
+def plot_folder(ctx: DaemonContext, name: str | None) -> tuple[str, Path]:
+    """(job name, log folder) for ``train_plot``: the current or last job's, or NAME's newest default folder.
+
+    Never a path from the request: a NAME that is not this daemon's job is looked up as training puts
+    it, ``<daemon's folder>/textual_inversion/<date>/<NAME>`` (the newest date wins).
+    """
+    job = current_job(ctx)
+    if name is None:
+        if job is None:
+            raise TrainingError("train_plot: no training job in this daemon yet; give a NAME to find its newest "
+                                "log folder (./textual_inversion/<date>/NAME), or start one with !train NAME --data DIR")
+        return job.name, Path(job.trainer.plan.log_dir)
+    if job is not None and job.name == name:
+        return name, Path(job.trainer.plan.log_dir)
+    root = Path.cwd() / "textual_inversion"
+    found = [p.parent for p in root.glob(f"*/{name}/{PLOT_NAME}")] if root.is_dir() else []
+    if not found:
+        raise TrainingError(f"train_plot {name}: no training log folder of {name!r} with a {PLOT_NAME} (looked in "
+                            f"{root}/<date>/{name}); the plot is drawn at each checkpoint of a run")
+    return name, max(found, key=lambda folder: (folder / PLOT_NAME).stat().st_mtime_ns)
+
+
+@handler("train_plot")
+async def train_plot(ctx: DaemonContext, params: dict, req: Request) -> dict:
+    """A training log folder's ``loss.png`` as base64 bytes (protocol v2; remote clients cannot read it)."""
+    from sdrepl.core.formats.png_chunks import PNG_MAGIC
+    from sdrepl.core.safe_open import UnsafeFile, read_regular_file
+    from sdrepl.daemon.remote_files import MAX_PICTURE
+
+    p = Params(params, "train_plot")
+    name = p.text("name", None)
+    p.finish()
+    if name is not None:
+        name = check_name(name, "!train plot")
+    job_name, folder = plot_folder(ctx, name)
+    path = folder / PLOT_NAME
+    job = current_job(ctx)
+    step = job.trainer.step_count if job is not None and job.name == job_name else None
+    try:
+        data, _ = await asyncio.to_thread(read_regular_file, path, MAX_PICTURE, follow_symlinks=False)
+    except FileNotFoundError:
+        at = f" (the job is at step {step})" if step is not None else ""
+        raise TrainingError(f"!train plot: no {PLOT_NAME} in {folder} yet{at}; it is drawn at each checkpoint "
+                            "(every --save-every steps) and when the run ends") from None
+    except (UnsafeFile, OSError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise TrainingError(f"!train plot: cannot read {path}: {reason}") from None
+    if not data.startswith(PNG_MAGIC):
+        raise TrainingError(f"!train plot: {path} is not a PNG file")
+    return {"name": job_name, "log_dir": str(folder), "path": str(path), "step": step, "size": len(data),
+            "data": base64.b64encode(data).decode("ascii")}

@@ -47,6 +47,7 @@ class Outcome:
     """What an executor produced: the JSON result, its human text, and what the UI should do next.
 
     ``error`` marks a line that produced a result and still failed (``!replay`` with failing lines).
+    ``pictures`` (``repl.preview.picture.Shown``) are for the interactive REPL to draw, never JSON.
     """
 
     result: dict[str, Any]
@@ -54,6 +55,7 @@ class Outcome:
     edit_buffer: str | None = None
     quit: bool = False
     error: dict[str, str] | None = None
+    pictures: tuple[Any, ...] = ()
 
 
 # -- generation ---------------------------------------------------------------------------------------
@@ -227,7 +229,18 @@ _SETTERS: dict[str, Callable[[str], Any]] = {
     "size": lambda v: None if v.strip().lower() in ("native", "auto", "none") else to_size(v),
     "emphasis": lambda v: to_emphasis(unquote(v)),
     "comma_padding_backtrack": to_int(0, MAX_COMMA_WINDOW),
+    "preview": lambda v: to_preview(unquote(v)),
 }
+
+
+def to_preview(value: str) -> str:
+    """``!set preview``: off, auto, or a protocol (repl/preview/detect.py)."""
+    from sdrepl.repl.preview.detect import MODES
+
+    mode = value.strip().lower()
+    if mode not in MODES:
+        raise ValueError(f"expected one of {', '.join(MODES)} (auto: what the terminal supports)")
+    return mode
 
 
 

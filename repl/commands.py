@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sdrepl.core.display import visible
 from sdrepl.core.errors import UsageError
 from sdrepl.core.names import name_problem
-from sdrepl.repl import actions, inspect_command, mix_command, network_commands, render
+from sdrepl.repl import actions, inspect_command, mix_command, network_commands, render, view_command
 from sdrepl.repl.actions import Outcome
 from sdrepl.repl.parse import (
     GenerationLine,
@@ -119,7 +119,7 @@ def parse_tokens(args: str) -> GenerationLine:
 
 
 SET_KEYS = ("steps", "cfg", "seed", "size", "sampler", "negative", "n", "clip_skip", "emphasis",
-            "comma_padding_backtrack")
+            "comma_padding_backtrack", "preview")
 SET_ALIASES = {"neg": "negative", "negative_prompt": "negative", "clip-skip": "clip_skip", "cfg_scale": "cfg",
                "comma-padding-backtrack": "comma_padding_backtrack", "comma_backtrack": "comma_padding_backtrack",
                "cfg-scale": "cfg", "batch": "n"}
@@ -229,6 +229,13 @@ async def _show(session: Any, name: str, started: Any) -> Outcome:
     return await actions.run_show(session, name, started)
 
 
+async def _train(session: Any, parsed: dict[str, Any], started: Any) -> Outcome:
+    """``!train plot [NAME]`` shows the loss plot (view_command.py); everything else is ``actions.run_train``."""
+    if parsed.get("sub") == "plot":
+        return await view_command.run_train_plot(session, parsed.get("name"), started)
+    return await actions.run_train(session, parsed, started)
+
+
 # -- the table ----------------------------------------------------------------------------------------
 
 _OPT_LIST = ", ".join(opt.spelling for opt in TRAIN_OPTIONS)
@@ -278,6 +285,8 @@ COMMANDS: tuple[Command, ...] = (
             "`!set seed random` (or -1) draws a new seed per picture; `!set size native` uses the model's "
             "size; `!set negative \"\"` clears the negative prompt; `!set emphasis Original|No norm|Ignore|None` "
             "and `!set comma_padding_backtrack N` (0-74) are A1111's prompt settings (unset: the daemon's); "
+            "`!set preview off|auto|kitty|iterm|sixel|blocks` chooses how the interactive REPL shows pictures "
+            "(auto: what the terminal supports, else coloured half-blocks; scripted sessions never do); "
             "`!set KEY default` restores the default.",
             parse_set, actions.run_set),
     Command("create", "!create NAME [--init TEXT] [--vectors N] [--overwrite]", "a new, untrained embedding",
@@ -289,8 +298,9 @@ COMMANDS: tuple[Command, ...] = (
             "Starts a textual-inversion job on the daemon's model; generation keeps working while it runs. "
             "NAME is created (as !create) if it does not exist. `!train status` shows the job, `!train pause`, "
             "`!train resume` and `!train stop` (which saves a resumable checkpoint) control it; --resume "
-            "continues NAME's last checkpoint. --wait blocks until the job ends (for scripts). Options: "
-            f"{_OPT_LIST}.", parse_train, actions.run_train),
+            "continues NAME's last checkpoint. --wait blocks until the job ends (for scripts). `!train plot "
+            "[NAME]` shows the loss plot (loss.png of the log folder) of the current or last job, or of NAME's "
+            f"newest run. Options: {_OPT_LIST}.", parse_train, _train),
     Command("preprocess", "!preprocess SRC DST [--size N] [--crop center|split|none] [--flip] [--caption]",
             "prepare a training folder",
             "Copies the pictures of folder SRC into DST at --size N (default: the model's native size), "
@@ -312,6 +322,8 @@ COMMANDS: tuple[Command, ...] = (
             "generation line that makes it again: prompt, --neg, --steps, --cfg, --seed, --size, --sampler. "
             "Interactive: the line goes into the edit buffer to change and run. Scripted: it is printed.",
             parse_fetch, actions.run_fetch),
+    Command("view", view_command.USAGE, "show a picture in the terminal", view_command.HELP,
+            view_command.parse_view, view_command.run_view),
     Command("replay", "!replay FILE", "run a file of REPL lines",
             "Runs every line of FILE in this session, as a scripted session would (comments, blank lines and "
             "\"\"\" blocks work; !set changes stay). Every line runs even when one fails; the result lists "

@@ -52,7 +52,7 @@ class CommandInfo:
     options: dict[str, str] = field(default_factory=dict)
 
 
-TRAIN_SUBCOMMANDS = ("status", "pause", "resume", "stop")
+TRAIN_SUBCOMMANDS = train_args.SUBCOMMANDS
 #: values offered for options whose metavar does not list them (``--to a|b|c`` does).
 OPTION_VALUES: dict[str, tuple[str, ...]] = {
     "template": ("subject", "style", "subject_filewords", "style_filewords", "none"),
@@ -105,7 +105,7 @@ def set_keys() -> tuple[str, ...]:
 
 
 PATH_OPTIONS = {"data": True, "log-dir": True, "template": False, "init-from": False}
-PATH_COMMANDS = {"replay": False, "fetch": False, "preprocess": True}
+PATH_COMMANDS = {"replay": False, "fetch": False, "view": False, "preprocess": True}
 
 
 def rank(fragment: str, candidates: Iterable[str]) -> list[str]:
@@ -290,7 +290,7 @@ class LineCompleter(Completer):
         if command is None:
             return "none", None, ""
         rest = stripped[len(command) + 1:]
-        if command in ("replay", "fetch"):
+        if command in ("replay", "fetch", "view"):
             return "path", PATH_COMMANDS[command], rest.lstrip()
         words = rest.split()
         index = len(words) if rest.endswith((" ", "\t")) or not words else len(words) - 1
@@ -353,7 +353,13 @@ class LineCompleter(Completer):
     def _positional_values(self, command: str, index: int, before: list[str], commands) -> list[str]:
         names = [e["name"] for e in self.get_embeddings()]
         if command == "set":
+            if index == 1 and before and before[0].lower() == "preview":
+                from sdrepl.repl.preview.detect import MODES
+
+                return list(MODES)
             return list(set_keys()) if index == 0 else []
+        if command == "train" and index == 1 and before and before[0].lower() == "plot":
+            return names  # !train plot NAME
         if index != 0:
             return []
         if command == "show":

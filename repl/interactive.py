@@ -85,6 +85,7 @@ class InteractiveRepl:
         self._progress_drawn_at = 0.0
         self._waiting_train = False  # a `!train ... --wait` runs: its progress is drawn instead
         self._terminal = sys.stdout  # the real one: run() patches sys.stdout for output above the prompt
+        self.terminal: Any = None  # what repl.preview.detect found at start-up (None: not probed)
         history = history if history is not None else open_history()
         if session is None:
             from sdrepl.repl.session import Session, SessionDefaults
@@ -188,6 +189,7 @@ class InteractiveRepl:
 
     async def run(self) -> int:
         self._terminal = sys.stdout
+        self.terminal = probe_terminal()  # before prompt_toolkit owns the terminal (a DA1 query may be sent)
         await self.feed.start()
         self.client.add_event_listener(self.tracker.on_event)
         watch = None
@@ -376,6 +378,48 @@ class InteractiveRepl:
             self.emit(str(text))
         elif not getattr(result, "ok", True):
             self.emit(format_error(getattr(result, "error", None)))
+        self.show_pictures(result)
+
+    def show_pictures(self, result: Any) -> None:
+        """Draw a result's pictures above the prompt (``!set preview``; repl/preview), or say why not.
+
+        The text is written while no prompt is drawn (the line has finished; prompt_toolkit redraws the
+        prompt below it afterwards), through ``run_in_terminal`` should a prompt be up. A picture that
+        cannot be read is one line, never an exception: the line's result is already shown.
+        """
+        from sdrepl.repl.preview.draw import PreviewError, picture_text, pictures_of, protocol_for
+        from sdrepl.repl.preview.render import cell_pixels
+
+        shown = pictures_of(result)
+        mode = str(getattr(getattr(self.session, "defaults", None), "preview", "auto"))
+        protocol = protocol_for(mode, self.terminal)
+        if not shown or protocol is None:
+            return
+        try:
+            size = self.prompt.app.output.get_size()
+            columns, rows = size.columns, size.rows
+        except Exception:  # no real terminal (tests): a common size
+            columns, rows = 100, 30
+        try:
+            cell = cell_pixels(self._terminal.fileno())
+        except (AttributeError, OSError, ValueError):
+            cell = (10, 20)
+        try:
+            text = picture_text(shown, protocol, columns=columns, rows=rows, cell=cell, terminal=self.terminal)
+        except PreviewError as exc:
+            self.emit(f"preview: {exc}")
+            return
+        except Exception as exc:  # a picture must never take the REPL down
+            log.exception("preview failed")
+            self.emit(f"preview failed: {type(exc).__name__}: {exc} (details in {log_location()}); "
+                      "!set preview off turns pictures off")
+            return
+        if self.prompt.app.is_running:
+            from prompt_toolkit.application import run_in_terminal
+
+            run_in_terminal(lambda: self._write(text))
+        else:
+            self._write(text)
 
 
 def wrap_text(text: str, width: int) -> str:
@@ -394,6 +438,17 @@ def wrap_text(text: str, width: int) -> str:
         out.append(textwrap.fill(line, width, subsequent_indent=indent, break_long_words=False,
                                  break_on_hyphens=False))
     return "\n".join(out)
+
+
+def probe_terminal() -> Any:
+    """The picture protocol of this terminal (repl/preview/detect.py); None if probing fails."""
+    from sdrepl.repl.preview.detect import probe
+
+    try:
+        return probe()
+    except Exception:  # detection is a nicety: no pictures rather than no REPL
+        log.exception("terminal detection failed")
+        return None
 
 
 def is_train_wait(text: str) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from sdrepl.repl import actions
 from sdrepl.repl.commands import find_command, split_command
 from sdrepl.repl.lines import QUOTES, LogicalLine, logical_text
 from sdrepl.repl.parse import parse_generation
+from sdrepl.repl.view_command import REMEMBERED, output_paths
 
 log = logging.getLogger("sdrepl.repl")
 
@@ -49,6 +51,8 @@ class SessionDefaults:
     #: A1111's prompt settings; None leaves the daemon's own (``--emphasis``, ``--comma-padding-backtrack``).
     emphasis: str | None = None
     comma_padding_backtrack: int | None = None
+    #: Pictures in the interactive REPL: off, auto (detected), kitty, iterm, sixel or blocks.
+    preview: str = "auto"
 
 
 @dataclass
@@ -58,7 +62,7 @@ class LineResult:
     ``kind`` is ``generate``, a command name (``tokens``, ``set``, ...; ``quit`` for ``!exit`` too),
     ``empty`` for a blank or comment line, or ``command`` for an unknown ``!name``.
     ``edit_buffer`` is text the interactive UI should put in its edit buffer (``!fetch``);
-    ``quit`` asks the caller to end the session.
+    ``quit`` asks the caller to end the session; ``pictures`` are for the interactive REPL to draw.
     """
 
     ok: bool
@@ -68,6 +72,7 @@ class LineResult:
     text: str
     edit_buffer: str | None = None
     quit: bool = False
+    pictures: tuple[Any, ...] = ()
 
     def to_json(self, number: int, source: str) -> dict[str, Any]:
         """The scripted ``--json`` object for this line (interface.md: line, input, ok, result or error)."""
@@ -112,6 +117,8 @@ class Session:
         self.defaults = defaults if defaults is not None else SessionDefaults()
         self.cwd = (cwd or Path.cwd()).absolute()
         self.seen: list[str] = []
+        #: The pictures this session made, oldest first (``!view N``; repl/view_command.py).
+        self.outputs: deque[str] = deque(maxlen=REMEMBERED)
         self.replay_depth = 0
         self.on_replay_result: Callable[[int, str, LineResult], None] | None = None
         #: Set by an executor that Ctrl-C interrupted when "cancelled" would mislead (``!train --wait``).
@@ -162,6 +169,8 @@ class Session:
         except Exception as exc:
             error = error_dict(exc)
             return LineResult(False, kind, {}, error, f"error: {error['type']}: {error['message']}")
+        self.outputs.extend(output_paths(outcome.result))
         if outcome.error is not None:
             return LineResult(False, kind, outcome.result, outcome.error, outcome.text)
-        return LineResult(True, kind, outcome.result, None, outcome.text, outcome.edit_buffer, outcome.quit)
+        return LineResult(True, kind, outcome.result, None, outcome.text, outcome.edit_buffer, outcome.quit,
+                          outcome.pictures)

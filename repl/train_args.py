@@ -17,7 +17,7 @@ from sdrepl.core.training.options import TrainOptions
 from sdrepl.core.training.templates import BUILTIN
 from sdrepl.repl.parse import Option, split_options, to_choice, to_float, to_int, to_seed, to_text
 
-SUBCOMMANDS = ("status", "pause", "resume", "stop")
+SUBCOMMANDS = ("status", "pause", "resume", "stop", "plot")
 
 
 def _size(text: str) -> str:
@@ -89,7 +89,7 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("wait", ("--wait",)),
 )
 
-USAGE = "!train NAME --data DIR [options] | !train status|pause|resume|stop"
+USAGE = "!train NAME --data DIR [options] | !train status|pause|resume|stop | !train plot [NAME]"
 
 
 def parse_train(args: str) -> dict[str, Any]:
@@ -99,6 +99,8 @@ def parse_train(args: str) -> dict[str, Any]:
     """
     head, values = split_options(args, TRAIN_OPTIONS, where="!train")
     words = head.split()
+    if words and words[0].lower() == "plot" and len(words) <= 2 and not values:  # !train plot [NAME]
+        return {"sub": "plot", "name": words[1].strip("<>") if len(words) == 2 else None}
     if len(words) == 1 and words[0].lower() in SUBCOMMANDS and not values:
         return {"sub": words[0].lower()}
     if not words:

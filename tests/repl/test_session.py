@@ -280,7 +280,7 @@ def test_set_shows_one_or_all_and_resets(fake):
     assert execute(session, "!set").result["defaults"] == {"steps": 20, "cfg": 7.0, "seed": None, "size": None,
                                                            "sampler": "Euler a", "negative": "", "n": 1,
                                                            "clip_skip": 1, "emphasis": None,
-                                                           "comma_padding_backtrack": None}
+                                                           "comma_padding_backtrack": None, "preview": "auto"}
     execute(session, "!set steps 50")
     assert execute(session, "!set steps default").text == "steps = 20"
     execute(session, "!set negative ugly")

@@ -1,0 +1,114 @@
+"""A picture drawn in a real terminal (tmux) leaves the prompt and the toolbar intact (issue 17 item 1)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+from daemon_testing import make_daemon, short_dir
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    tmp = short_dir("sdrepl-pv-")
+    proc = make_daemon(tmp)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDREPL_") and k not in ("TMUX", "STY")}
+    proc.env = {**env, "XDG_STATE_HOME": str(tmp / "state"), "XDG_DATA_HOME": str(tmp / "data"),
+                "SDREPL_HISTORY": str(tmp / "history"), "TOKENIZERS_PARALLELISM": "false", "TERM": "xterm-256color",
+                "COLORTERM": "truecolor", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    try:
+        proc.start(cwd=tmp)
+        yield SimpleNamespace(proc=proc, env=proc.env, args=proc.settings.daemon_args(), tmp=tmp)
+    finally:
+        proc.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Tmux:
+    """One REPL in a private tmux server (as tests/repl/test_issue11_e2e.py's); ``screen()`` is the pane."""
+
+    def __init__(self, daemon, name: str) -> None:
+        self.socket = str(daemon.tmp / f"tmux-{name}")
+        script = daemon.tmp / f"{name}.sh"
+        exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in daemon.env.items() if k.isidentifier())
+        command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "sdrepl", *daemon.args])
+        script.write_text(f"{exports}cd {shlex.quote(str(daemon.tmp))}\nexec {command}\n")
+        self.tmux("new-session", "-d", "-s", name, "-x", "120", "-y", "80", f"bash {shlex.quote(str(script))}")
+
+    def tmux(self, *args: str) -> str:
+        return subprocess.run(["tmux", "-S", self.socket, *args], capture_output=True, text=True, check=True,
+                              timeout=30).stdout
+
+    def screen(self) -> str:
+        return self.tmux("capture-pane", "-p")
+
+    def keys(self, *keys: str, literal: bool = False) -> None:
+        self.tmux("send-keys", *(["-l"] if literal else []), *keys)
+
+    def wait_for(self, predicate, timeout: float = 90.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            screen = self.screen()
+            if predicate(screen):
+                return screen
+            time.sleep(0.05)
+        raise AssertionError(f"the screen never matched; it shows:\n{self.screen()}")
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def tmux(daemon):
+    session = Tmux(daemon, f"pv{os.getpid()}")
+    try:
+        session.wait_for(lambda s: re.search(r"^sd>", s, re.M) is not None)
+        yield session
+    finally:
+        session.close()
+
+
+def prompt_row(screen: str) -> int:
+    lines = screen.splitlines()
+    return max(i for i, line in enumerate(lines) if line.startswith("sd>"))
+
+
+def test_a_half_block_preview_sits_above_an_intact_prompt_and_toolbar(tmux):
+    tmux.keys("!set preview blocks", "Enter")
+    tmux.wait_for(lambda s: "preview = blocks" in s)
+    tmux.keys("a red fox --steps 2 --size 64x64 --seed 3", "Enter")
+    screen = tmux.wait_for(lambda s: re.search(r"\.png\s+\(seed 3", s) is not None and "▀" in s
+                           and s.splitlines()[prompt_row(s)].rstrip() == "sd>")
+    lines = screen.splitlines()
+    row = prompt_row(screen)
+    picture = [i for i, line in enumerate(lines) if "▀" in line]
+    assert picture and max(picture) < row, screen  # the picture is above the prompt
+    assert all(lines[i].strip() == "▀" * len(lines[i].strip()) for i in picture)  # nothing mixed into it
+    assert len(picture) == 32 and {len(lines[i].rstrip()) for i in picture} == {64}  # 64x64 px, 2 px a cell
+    result = next(i for i, line in enumerate(lines) if re.search(r"\.png\s+\(seed 3", line))
+    assert result < min(picture)  # the result's line, then its picture
+    assert "tiny" in screen.rstrip().splitlines()[-1]  # the toolbar, on the last line
+    colours = tmux.tmux("capture-pane", "-p", "-e")  # with attributes: the cells are coloured
+    assert re.search(r"\x1b\[38;2;\d+;\d+;\d+m", colours) or re.search(r"\x1b\[38;5;\d+m", colours)
+    prompt_line = colours.splitlines()[row]
+    assert "▀" not in prompt_line
+    tmux.keys("hello there", literal=True)  # the prompt still edits where it should
+    after = tmux.wait_for(lambda s: re.search(r"^sd> hello there\s*$", s, re.M) is not None)
+    assert "tiny" in after.rstrip().splitlines()[-1]
+    tmux.keys("C-u")
+    tmux.keys("!view 1", "Enter")  # a large picture: still 64x64 pixels (never enlarged past 2 px a cell)
+    screen = tmux.wait_for(lambda s: s.count("▀" * 64) >= 64 and "tiny" in s.rstrip().splitlines()[-1]
+                           and s.splitlines()[prompt_row(s)].startswith("sd>"))
+    assert "tiny" in screen.rstrip().splitlines()[-1]
+    tmux.keys("!quit", "Enter")
