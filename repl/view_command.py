@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from sdrepl.core.display import visible
 from sdrepl.core.errors import UsageError
 from sdrepl.repl.actions import Outcome
-from sdrepl.repl.preview.picture import PreviewError, Shown, decode, read_picture_file
+from sdrepl.repl.preview.picture import PreviewError, Shown, decode, open_file
 from sdrepl.repl.render import display_path
 
 if TYPE_CHECKING:
@@ -72,8 +72,7 @@ def recent(session: Session, number: int) -> str:
 
 async def run_view(session: Session, target: int | str, started: Any) -> Outcome:
     path = session.resolve(recent(session, target) if isinstance(target, int) else target)
-    shown = visible(str(path))
-    image = decode(read_picture_file(path), shown)
+    image = open_file(path)
     view = {"path": str(path), "width": image.width, "height": image.height}
     if isinstance(target, int):
         view["n"] = target

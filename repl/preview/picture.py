@@ -1,10 +1,10 @@
 """Pictures to show, read as untrusted files: size checked from the header before a pixel is decoded.
 
 ``!view FILE`` may name anything, and a picture from elsewhere may declare 100,000 x 100,000 pixels in a
-few hundred bytes. The file is read as ``!fetch`` reads it (``core.safe_open.read_regular_file``: a FIFO
-or device never blocks, at most :data:`~sdrepl.core.pnginfo.MAX_PICTURE_BYTES`); a PNG's declared size
-comes from its chunk list (``core.formats.png_chunks``), other formats' from Pillow's lazy header read;
-only then are the pixels decoded, and only up to :data:`MAX_VIEW_PIXELS`.
+few hundred bytes. Files are opened by ``core.picture_files.open_picture`` (the one bounded way sdrepl
+decodes a picture: through ``core.safe_open``, so a FIFO or device never blocks, at most
+``MAX_PICTURE_FILE_BYTES`` read, the declared size checked against ``MAX_PICTURE_PIXELS`` first); PNG
+bytes from the daemon (``!train plot``) get the same checks here, the PNG's size read from its chunk list.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from sdrepl.core.errors import SdreplError
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
-#: The most pixels (width x height) a picture may declare to be shown (8192 x 8192: SDXL at 8x).
-MAX_VIEW_PIXELS = 8192 * 8192
 #: How many pictures of one generation are put side by side in its preview.
 MAX_SHEET = 16
 
@@ -68,12 +66,16 @@ def decode(data: bytes, where: str) -> PILImage.Image:
     """The picture in ``data`` as RGB pixels, its declared size checked first (see the module docstring)."""
     from PIL import Image
 
+    from sdrepl.core.picture_files import MAX_PICTURE_FILE_BYTES, MAX_PICTURE_PIXELS
+
+    if len(data) > MAX_PICTURE_FILE_BYTES:
+        raise PreviewError(f"{where}: {len(data):,} bytes, more than the {MAX_PICTURE_FILE_BYTES:,} sdrepl reads")
     width, height = declared_size(data, where)
     if width <= 0 or height <= 0:
         raise PreviewError(f"{where}: the picture declares {width}x{height} pixels")
-    if width * height > MAX_VIEW_PIXELS:
-        raise PreviewError(f"{where}: a {width}x{height} picture is larger than {MAX_VIEW_PIXELS:,} pixels; it "
-                           "was not decoded")
+    if width * height > MAX_PICTURE_PIXELS:
+        raise PreviewError(f"{where}: a {width}x{height} picture is larger than the {MAX_PICTURE_PIXELS:,} pixels "
+                           "sdrepl decodes; it was not decoded")
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.size != (width, height):
@@ -90,33 +92,25 @@ def decode(data: bytes, where: str) -> PILImage.Image:
                            f"{visible(exc)}); the file is damaged") from None
 
 
-def read_picture_file(path: Path) -> bytes:
-    """The bytes of a picture file, read as ``!fetch`` reads one (bounded, never blocking on a FIFO)."""
-    from sdrepl.core.pnginfo import MAX_PICTURE_BYTES
-    from sdrepl.core.safe_open import UnsafeFile, read_regular_file
+def open_file(path: Path) -> PILImage.Image:
+    """A picture file as RGB pixels, by ``core.picture_files.open_picture``; :class:`PreviewError` otherwise."""
+    from sdrepl.core.picture_files import PictureError, open_picture
 
-    shown = visible(str(path))
     try:
-        data, _ = read_regular_file(path, MAX_PICTURE_BYTES)
-    except FileNotFoundError:
-        raise PreviewError(f"{shown}: no such file; give the path of a picture (relative to the session's "
-                           "folder), or !view N for this session's Nth latest picture") from None
-    except IsADirectoryError:
-        raise PreviewError(f"{shown}: is a folder, not a picture") from None
-    except UnsafeFile as exc:
-        raise PreviewError(f"{shown}: {visible(exc.reason)}") from None
-    except OSError as exc:
-        raise PreviewError(f"{shown}: cannot be read ({visible(exc.strerror or exc)})") from None
-    return data
+        return open_picture(path)
+    except PictureError as exc:
+        hint = ("; give the path of a picture (relative to the session's folder), or !view N for this session's "
+                "Nth latest picture" if exc.reason == "no such file" else "")
+        raise PreviewError(f"{visible(str(path))}: {exc.reason}{hint}") from None
 
 
 def load(source: Path | bytes | PILImage.Image, where: str | None = None) -> PILImage.Image:
-    """A :class:`Shown` source as RGB pixels (a file is read with :func:`read_picture_file`)."""
-    if not isinstance(source, (bytes, Path, str)):
-        return source  # already decoded (and checked) by the command that shows it
+    """A :class:`Shown` source as RGB pixels (bytes by :func:`decode`, a file by :func:`open_file`)."""
     if isinstance(source, bytes):
         return decode(source, where or "the picture")
-    return decode(read_picture_file(Path(source)), where or visible(str(source)))
+    if isinstance(source, (Path, str)):
+        return open_file(Path(source))
+    return source  # already decoded (and checked) by the command that shows it
 
 
 def contact_sheet(images: list[PILImage.Image], gap: int = 4) -> PILImage.Image:

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 from daemon_testing import make_daemon, short_dir
+from repl_testing import repl_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -23,10 +24,8 @@ def daemon():
         pytest.skip("tmux is not installed")
     tmp = short_dir("sdrepl-pv-")
     proc = make_daemon(tmp)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SDREPL_") and k not in ("TMUX", "STY")}
-    proc.env = {**env, "XDG_STATE_HOME": str(tmp / "state"), "XDG_DATA_HOME": str(tmp / "data"),
-                "SDREPL_HISTORY": str(tmp / "history"), "TOKENIZERS_PARALLELISM": "false", "TERM": "xterm-256color",
-                "COLORTERM": "truecolor", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in repl_env(tmp).items() if k not in ("TMUX", "STY", "PROMPT_TOOLKIT_NO_CPR")}
+    proc.env = {**env, "TERM": "xterm-256color", "COLORTERM": "truecolor"}  # tmux answers DA1: it is asked
     try:
         proc.start(cwd=tmp)
         yield SimpleNamespace(proc=proc, env=proc.env, args=proc.settings.daemon_args(), tmp=tmp)
