@@ -15,12 +15,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from sdrepl.core.embedding import Embedding
 from sdrepl.core.errors import Cancelled
+from sdrepl.core.hires import HiresFix
 from sdrepl.core.models import LoadedModel
 from sdrepl.core.outputs import OutputFolder
 from sdrepl.core.picture_writer import PendingWrites
@@ -45,10 +46,76 @@ class GenerationJob:
     #: A1111's emphasis mode and comma backtrack window (``core.prompt.EMPHASIS_MODES``).
     emphasis: str = "Original"
     comma_window: int = 20
+    #: img2img (``core.img2img``): the init picture's path as the daemon reads it, and the strength.
+    init: str | None = None
+    strength: float = 0.75
+    #: No size was asked for: the init picture's own size (rounded to a multiple of 8) is used.
+    size_from_init: bool = False
+    #: Hires. fix (``core.hires``), or None.
+    hires: HiresFix | None = None
+    #: The decoded init picture (``core.img2img.InitPicture``) once :func:`prepared` loaded it.
+    init_picture: Any = field(default=None, compare=False, repr=False)
 
     @property
     def options(self) -> PromptOptions:
         return PromptOptions(clip_skip=self.clip_skip, emphasis=self.emphasis, comma_window=self.comma_window)
+
+    @property
+    def final_size(self) -> tuple[int, int]:
+        """The size of the pictures made: the hires pass's, or the job's."""
+        if self.hires is None:
+            return self.width, self.height
+        from sdrepl.core.hires import hires_size
+
+        return hires_size(self.width, self.height, self.hires.scale)
+
+    def pass_steps(self) -> list[tuple[int, int]]:
+        """``(schedule steps, steps run)`` of each sampler pass: one, or two with hires fix; an img2img pass
+        runs ``int(steps * strength)`` of its schedule."""
+        from sdrepl.core.img2img import steps_to_run
+
+        first = (self.steps, steps_to_run(self.steps, self.strength) if self.init is not None else self.steps)
+        if self.hires is None:
+            return [first]
+        second = self.hires.second_steps(self.steps)
+        return [first, (second, steps_to_run(second, self.hires.denoise))]
+
+
+def prepared(job: GenerationJob, shown: str | None = None) -> GenerationJob:
+    """``job`` with its init picture loaded (``core.img2img.load_init_picture``: bounded, checked) and,
+    when no size was asked for, the picture's size as the job's; jobs without ``init`` are returned as is.
+    ``shown`` names the picture in errors (an upload's name, not the daemon's temp path). Raises ``core.img2img.InitImageError`` for a picture that cannot be used."""
+    if job.init is None or job.init_picture is not None:
+        return job
+    from sdrepl.core.img2img import fitted_size, load_init_picture
+
+    picture = load_init_picture(job.init, shown)
+    if job.size_from_init:
+        width, height = fitted_size(*picture.size)
+        return replace(job, init_picture=picture, width=width, height=height, size_from_init=False)
+    return replace(job, init_picture=picture)
+
+
+def job_summary(job: GenerationJob) -> dict[str, Any]:
+    """What a result reports of img2img and hires fix (``init``, ``strength``, ``hires``); ``{}`` for txt2img."""
+    out: dict[str, Any] = {}
+    if job.init is not None:
+        out["init"] = job.init
+        out["strength"] = job.strength
+    if job.hires is not None:
+        width, height = job.final_size
+        out["hires"] = {"scale": job.hires.scale, "steps": job.pass_steps()[1][0], "denoise": job.hires.denoise,
+                        "upscaler": job.hires.upscaler, "width": width, "height": height}
+    return out
+
+
+def job_parameters(job: GenerationJob) -> dict[str, Any]:
+    """A1111's fields of img2img (``Denoising strength``) and hires fix (``Hires upscale``, ...)."""
+    if job.hires is not None:
+        return job.hires.parameters()
+    if job.init is not None:
+        return {"Denoising strength": job.strength}
+    return {}
 
 
 class RecordingLookup:
@@ -163,19 +230,26 @@ def start_generation(
     from sdrepl.core.samplers import make_scheduler, sample_batch
 
     started = time.monotonic()
+    job = prepared(job)
     pipe = model.pipe
     pipe.scheduler = make_scheduler(job.sampler, pipe.scheduler.config)
     recorder = RecordingLookup(lookup)
     activate(pipe, networks)
     prompt_text = networks.text if networks is not None else job.prompt
     cond = _conditioning(model, job, recorder, prompt_text)
+    passes = job.pass_steps()
+    # Hires fix's second pass: the same prompt and networks, its schedule planned for its own steps.
+    conds = [cond] + [cond if steps == job.steps else _conditioning(model, replace(job, steps=steps), recorder,
+                                                                    prompt_text) for steps, _ in passes[1:]]
     extra = {**prediction_field(model), **(networks.parameters() if networks is not None else {}),
-             **generation_extras(job, cond.plan.texts())}
+             **generation_extras(job, cond.plan.texts()), **job_parameters(job)}
     ti_hashes = recorder.ti_hashes()
-    total = job.steps * job.n
+    per_picture = sum(run_steps for _, run_steps in passes)
+    total = per_picture * job.n
     writes = PendingWrites()
     seeds = [job.seed + index for index in range(job.n)]
     first = 0  # index of the current batch's first picture
+    sampling = _Passes(model, job, conds, sample_batch)
 
     def run(batch: list[int]) -> list[Any]:
         def on_step(done: int, _steps: int) -> None:
@@ -183,14 +257,16 @@ def start_generation(
                 raise Cancelled(f"generate: cancelled at step {done} of {job.steps} (picture {first + 1}"
                                 f"{f'-{first + len(batch)}' if len(batch) > 1 else ''} of {job.n})")
             if on_progress is not None:
-                on_progress(first * job.steps + done * len(batch), total, first)
+                on_progress(first * per_picture + done * len(batch), total, first)
 
         if cancel_event is not None and cancel_event.is_set():
             raise Cancelled(f"generate: cancelled before picture {first + 1} of {job.n}")
-        return sample_batch(model, cond, steps=job.steps, cfg=job.cfg, width=job.width, height=job.height,
-                            seeds=batch, on_step=on_step)
+        if job.init is None and job.hires is None:  # txt2img: the call it always was
+            return sample_batch(model, cond, steps=job.steps, cfg=job.cfg, width=job.width, height=job.height,
+                                seeds=batch, on_step=on_step)
+        return sampling.run(batch, on_step)
 
-    size = pictures_per_batch(model, job.width, job.height, job.n)
+    size = pictures_per_batch(model, *job.final_size, job.n)
     for batch, images in in_batches(seeds, size, run):
         for seed, image in zip(batch, images, strict=True):
             text = build_parameters(prompt=job.prompt, negative=job.negative, steps=job.steps,
@@ -200,4 +276,51 @@ def start_generation(
             writes.add(outputs, image, text, seed)
         first += len(batch)
     loras = networks.describe() if networks is not None else []
-    return PendingGeneration(writes, {"tokens": cond.budget, "loras": loras}, started)
+    return PendingGeneration(writes, {"tokens": cond.budget, "loras": loras, **job_summary(job)}, started)
+
+
+class _Passes:
+    """The sampler passes of an img2img or hires job for one batch of seeds; ``on_step(done, total)``
+    counts the steps run over all passes (an img2img pass's first report is 1, not its start step)."""
+
+    def __init__(self, model: LoadedModel, job: GenerationJob, conds: list[Any], sample_batch: Any) -> None:
+        from sdrepl.core.denoise import Components
+
+        self.model = model
+        self.job = job
+        self.conds = conds
+        self.sample_batch = sample_batch
+        self.components = Components.of(model.pipe)
+        self.clean = None
+        if job.init is not None:  # encoded once per job; the batch expands it per picture
+            from sdrepl.core.img2img import init_latents
+
+            self.clean = init_latents(self.components, job.init_picture, job.width, job.height)
+
+    def _pass(self, index: int, batch: list[int], latents: Any, width: int, height: int, done_before: int,
+              on_step: Any, output: str) -> Any:
+        from sdrepl.core.denoise import decode
+
+        steps, run_steps = self.job.pass_steps()[index]
+        if latents is not None and run_steps == 0:  # strength 0: the latents decoded unchanged
+            latents = latents.expand(len(batch), *latents.shape[1:]) if latents.shape[0] == 1 else latents
+            return latents if output == "latent" else decode(self.components, latents)
+        start = steps - run_steps
+
+        def counted(done: int, _total: int) -> None:
+            on_step(done_before + done - start, self.job.steps)
+
+        return self.sample_batch(self.model, self.conds[index], steps=steps, cfg=self.job.cfg, width=width,
+                                 height=height, seeds=batch, on_step=counted, init_latents=latents,
+                                 start_step=start, output=output)
+
+    def run(self, batch: list[int], on_step: Any) -> list[Any]:
+        job = self.job
+        if job.hires is None:
+            return self._pass(0, batch, self.clean, job.width, job.height, 0, on_step, "pil")
+        from sdrepl.core.hires import upscale
+
+        latents = self._pass(0, batch, self.clean, job.width, job.height, 0, on_step, "latent")
+        width, height = job.final_size
+        upscaled = upscale(self.components, latents, job.hires, width, height)
+        return self._pass(1, batch, upscaled, width, height, job.pass_steps()[0][1], on_step, "pil")

@@ -38,6 +38,12 @@ LIMITS: dict[str, Limit] = {
     "width": Limit(8, 8192, multiple=8),
     "height": Limit(8, 8192, multiple=8),
     "comma_padding_backtrack": Limit(0, MAX_COMMA_WINDOW),
+    # img2img and hires fix (A1111's sliders): denoising strengths 0..1, upscale 1..4, second-pass steps
+    # 0 (= the first pass's steps) up to the steps limit.
+    "strength": Limit(0.0, 1.0),
+    "hires_scale": Limit(1.0, 4.0),
+    "hires_steps": Limit(0, 1000),
+    "hires_denoise": Limit(0.0, 1.0),
 }
 
 

@@ -119,9 +119,11 @@ def sample(model: Any, cond: Any, *, steps: int, cfg: float, width: int, height:
 
 
 def sample_batch(model: Any, cond: Any, *, steps: int, cfg: float, width: int, height: int, seeds: list[int],
-                 on_step: Any = None, scheduler: Any = None) -> list:
+                 on_step: Any = None, scheduler: Any = None, init_latents: Any = None, start_step: int = 0,
+                 output: str = "pil") -> Any:
     """``len(seeds)`` pictures in one batch; picture ``i`` is the picture :func:`sample` makes with
-    ``seeds[i]``."""
+    ``seeds[i]``. ``init_latents``/``start_step``: img2img (``core.denoise.denoise``); ``output="latent"``
+    gives the final latents (hires fix's first pass)."""
     from sdrepl.core.denoise import Components, StepCond, denoise
 
     current = model.pipe.scheduler
@@ -130,4 +132,5 @@ def sample_batch(model: Any, cond: Any, *, steps: int, cfg: float, width: int, h
     provider = getattr(cond, "provider", None)
     conditioning = provider(width, height) if provider is not None else StepCond.of(cond, width, height).constant()
     return denoise(Components.of(model.pipe), scheduler=scheduler, steps=steps, cfg=cfg, width=width,
-                   height=height, seeds=seeds, conditioning=conditioning, on_step=on_step)
+                   height=height, seeds=seeds, conditioning=conditioning, on_step=on_step,
+                   init_latents=init_latents, start_step=start_step, output=output)

@@ -9,12 +9,15 @@ queue on the device thread. The work itself (``core/generation.py``) and the out
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 from sdrepl.core.errors import NetworkError, PromptError
-from sdrepl.core.generation import GenerationJob, PendingGeneration, start_generation
+from sdrepl.core.generation import GenerationJob, PendingGeneration, prepared, start_generation
+from sdrepl.core.hires import DEFAULT_DENOISE, DEFAULT_UPSCALER, UPSCALERS, HiresError, HiresFix, hires_size
 from sdrepl.core.limits import LIMITS, MAX_SEED
 from sdrepl.core.outputs import output_folder
 from sdrepl.core.plan_budget import scheduled_prompt_budget
@@ -26,6 +29,7 @@ from sdrepl.daemon.networks import mark_broken, plan_for
 from sdrepl.daemon.params import Params
 from sdrepl.daemon.protocol import BadRequest
 from sdrepl.daemon.registry import Request, handler
+from sdrepl.daemon.uploads import discard, init_file_for
 
 
 def _limited(p: Params, name: str, default: Any) -> Any:
@@ -63,7 +67,9 @@ def parse_job(params: dict, native_size: int | None = None, settings: Any = None
     n = _limited(p, "n", 1)
     clip_skip = _limited(p, "clip_skip", 1)
     emphasis, window = prompt_settings(p, settings)
+    init, strength, hires = _img2img_and_hires(p)
     p.finish()
+    size_from_init = init is not None and width is None and height is None
     width = width or native_size or 512
     height = height or native_size or 512
     for name, value in (("width", width), ("height", height)):
@@ -73,9 +79,58 @@ def parse_job(params: dict, native_size: int | None = None, settings: Any = None
     random_seed = seed is None or seed == -1  # -1 is A1111's "random"
     if random_seed:
         seed = random.randrange(2**32)
+    if hires is not None:
+        try:
+            hires_size(width, height, hires.scale)
+        except HiresError as exc:
+            raise BadRequest(f"generate: {exc}") from None
     job = GenerationJob(prompt, negative, steps, cfg, int(seed), width, height, sampler, n, clip_skip, emphasis,
-                        window)
+                        window, init=init, strength=strength, size_from_init=size_from_init, hires=hires)
     return job, random_seed
+
+
+def _img2img_and_hires(p: Params) -> tuple[str | None, float, HiresFix | None]:
+    """``init`` (a picture path, or an ``upload:<id>`` token resolved by the handler), ``strength``, and the
+    hires fix settings (``hires`` the scale; ``hires_steps``, ``hires_denoise``, ``hires_upscaler``)."""
+    init = p.text("init", None)
+    strength = _limited(p, "strength", None)
+    scale_limit = LIMITS["hires_scale"]
+    scale = p.number("hires", None, lo=scale_limit.lo, hi=scale_limit.hi)
+    hires_steps = _limited(p, "hires_steps", None)
+    denoise = _limited(p, "hires_denoise", None)
+    upscaler = p.text("hires_upscaler", None, choices=tuple(UPSCALERS))
+    if init is not None and (not init or "\x00" in init):
+        raise BadRequest(f"generate: parameter 'init' must be a picture path, got {init!r}"[:300])
+    if strength is not None and init is None:
+        raise BadRequest("generate: parameter 'strength' is img2img's: give 'init' (the picture) too")
+    if scale is None:
+        given = [name for name, value in (("hires_steps", hires_steps), ("hires_denoise", denoise),
+                                          ("hires_upscaler", upscaler)) if value is not None]
+        if given:
+            raise BadRequest(f"generate: parameter(s) {', '.join(given)} belong to hires fix: give 'hires' (the "
+                             "scale) too")
+        return init, 0.75 if strength is None else strength, None
+    if init is not None:
+        raise BadRequest("generate: 'hires' is A1111's txt2img Hires. fix and does not combine with 'init' "
+                         "(img2img): for a larger img2img picture give the size you want")
+    hires = HiresFix(scale, hires_steps or 0, DEFAULT_DENOISE if denoise is None else denoise,
+                     upscaler or DEFAULT_UPSCALER)
+    return None, 0.75, hires
+
+
+async def _with_init_picture(job: GenerationJob, owner: int) -> GenerationJob:
+    """The job with its init picture loaded (``core.generation.prepared``, in a thread: it decodes); an
+    ``upload:<id>`` init (sent by a remote client, ``repl/uploads.py``) is read from the upload, which is
+    then removed. The result reports the picture by the name it was sent under."""
+    token = job.init if job.init is not None and job.init.startswith("upload:") else None
+    if token is None:
+        return await asyncio.to_thread(prepared, job)
+    path = init_file_for(token, owner)
+    try:
+        loaded = await asyncio.to_thread(prepared, dataclasses.replace(job, init=path), Path(path).name)
+    finally:
+        discard(token, owner)
+    return dataclasses.replace(loaded, init=Path(path).name)
 
 
 @handler("generate")
@@ -87,6 +142,8 @@ async def generate(ctx: DaemonContext, params: dict, req: Request) -> dict:
     assert ctx.residency is not None
     async with ctx.residency.using() as model:
         job, random_seed = parse_job(params, model.native_size, ctx.settings)
+        if job.init is not None:  # img2img: the picture read and checked now (bounded), off the loop
+            job = await _with_init_picture(job, id(req.connection))
         # An unknown <name> is answered now, not after the queue (the device may be busy for a while).
         # On the loop, not in a thread: a budget takes well under a millisecond with a warm cache, and
         # a thread pool would let two requests reach the device queue in another order than they came.

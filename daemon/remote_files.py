@@ -31,7 +31,8 @@ from sdrepl.daemon.uploads import folder_for
 #: Largest picture sent back (base64 grows it by 4/3; the reply must fit in protocol.MAX_LINE).
 MAX_PICTURE = (protocol.MAX_LINE - 64 * 1024) * 3 // 4
 #: Request parameters naming a path on the daemon's machine, per request type.
-DAEMON_PATHS = {"train": ("data", "log_dir", "template"), "preprocess": ("src", "dst"), "inspect": ("log",)}
+DAEMON_PATHS = {"train": ("data", "log_dir", "template"), "preprocess": ("src", "dst"), "inspect": ("log",),
+                "generate": ("init",)}
 
 
 class RemotePathRefused(SdreplError):
@@ -46,6 +47,8 @@ def refuse_daemon_paths(type_name: str, params: dict[str, Any], owner: int = 0) 
         if name == "data" and isinstance(value, str) and value.startswith("upload:"):
             params[name] = folder_for(value, owner)  # data the client sent (daemon/uploads.py)
             continue
+        if name == "init" and isinstance(value, str) and value.startswith("upload:"):
+            continue  # an init picture the client sent; generate reads it (daemon/generation.py)
         if value is None or (name == "template" and isinstance(value, str) and os.sep not in value
                              and not value.endswith(".txt")):
             continue  # a built-in template name is no path
@@ -53,7 +56,8 @@ def refuse_daemon_paths(type_name: str, params: dict[str, Any], owner: int = 0) 
         raise RemotePathRefused(
             f"{type_name}: {option} names a path on the daemon's machine, which a remote client may not use; "
             f"run this on the daemon's machine (over its Unix socket), or copy the files there first"
-            + ("; the REPL's `!train NAME --data DIR` sends a local folder for you" if name == "data" else ""))
+            + ("; the REPL's `!train NAME --data DIR` sends a local folder for you" if name == "data" else "")
+            + ("; the REPL's `--init IMAGE` sends a local picture for you" if name == "init" else ""))
 
 
 @handler("picture")

@@ -74,6 +74,10 @@ def check_name(name: str, kind: str = "training") -> str:
             or len(os.fsencode(name)) > 255):
         raise BadRequest(f"upload: {name!r} is not a file name of a training folder (no folders, no hidden "
                          "files, at most 255 bytes)")
+    if kind == "init":
+        if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+            raise BadRequest(f"upload: {name!r}: an init picture is one of {', '.join(sorted(IMAGE_SUFFIXES))}")
+        return name
     if kind == "push":
         if Path(name).suffix.lower() not in PUSH_SUFFIXES:
             raise BadRequest(f"upload: {name!r}: !push sends embedding or LoRA files "
@@ -101,6 +105,25 @@ def sealed(token: str, owner: int) -> Upload:
     return upload
 
 
+def discard(token: str, owner: int) -> None:
+    """Remove an upload of this connection now (``generate`` has read its init picture)."""
+    upload = _UPLOADS.get(token.removeprefix("upload:"))
+    if upload is not None and upload.owner == owner:
+        del _UPLOADS[upload.id]
+        shutil.rmtree(upload.folder, ignore_errors=True)
+
+
+def init_file_for(token: str, owner: int) -> str:
+    """The daemon-side file of a sealed ``init`` upload (an img2img picture ``generate`` reads; the
+    handler discards the upload once the picture is decoded, so uploads never pile up)."""
+    upload = _owned(token, owner)
+    if upload.kind != "init":
+        raise BadRequest(f"upload {token!r} was not sent as an init picture (upload_begin kind 'init')")
+    if not upload.sealed or len(upload.names) != 1:
+        raise BadRequest(f"upload {token!r} is not one finished picture (upload_end); send the picture again")
+    return str(upload.folder / next(iter(upload.names)))
+
+
 def folder_for(token: str, owner: int) -> str:
     """The daemon-side folder of a sealed upload, for ``train``'s ``data`` (marks it used)."""
     upload = _owned(token, owner)
@@ -123,7 +146,7 @@ def forget(owner: int) -> None:
 @handler("upload_begin")
 async def upload_begin(ctx: DaemonContext, params: dict, req: Request) -> dict:
     p = Params(params, "upload_begin")
-    kind = p.text("kind", "training", choices=("training", "push"))
+    kind = p.text("kind", "training", choices=("training", "push", "init"))
     p.finish()
     owner = id(req.connection)
     if sum(1 for u in _UPLOADS.values() if u.owner == owner and not u.used) >= MAX_PER_CONNECTION:
@@ -146,8 +169,8 @@ async def upload_chunk(ctx: DaemonContext, params: dict, req: Request) -> dict:
     p.finish()
     upload = _owned(token, id(req.connection))
     name = check_name(name_text, upload.kind)
-    if upload.kind == "push" and upload.names and name not in upload.names:
-        raise BadRequest("upload_chunk: a push upload holds one file")
+    if upload.kind in ("push", "init") and upload.names and name not in upload.names:
+        raise BadRequest(f"upload_chunk: a {upload.kind} upload holds one file")
     if upload.sealed:
         raise BadRequest(f"upload_chunk: {token} is finished; begin a new upload")
     if len(data_text) > (CHUNK_BYTES * 4) // 3 + 4:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -84,6 +85,9 @@ def generation_params(line: GenerationLine, defaults: Any) -> dict[str, Any]:
                          "or set one first with !set size 512x512")
     if width is not None:
         params["width"], params["height"] = width, height
+    for key in ("init", "strength", "hires", "hires_steps", "hires_denoise", "hires_upscaler"):
+        if getattr(line, key, None) is not None:  # img2img and hires fix: only what the line says
+            params[key] = getattr(line, key)
     return params
 
 
@@ -104,6 +108,15 @@ async def run_generate(session: Session, line: GenerationLine, started: Started)
     settings = getattr(session.client, "settings", None)  # a repl.connection.Connection knows --outputs
     if settings is not None and not getattr(session.client, "remote", False):
         params["outputs"] = str(Path(settings.outputs).expanduser().absolute())  # this client's folder
+    init = None
+    if "init" in params:  # img2img: the picture, anchored to the session's folder as !fetch's path
+        init = session.resolve(params["init"])
+        if getattr(session.client, "remote", False):  # the daemon cannot read our files: send the picture
+            from sdrepl.repl.uploads import upload_init
+
+            params["init"] = await upload_init(session.client, init)
+        else:
+            params["init"] = str(init)
     request_id, future = session.client.start("generate", **params)
     if started is not None:
         started(request_id)
@@ -119,6 +132,8 @@ async def run_generate(session: Session, line: GenerationLine, started: Started)
         from sdrepl.repl.remote_pictures import bring_home
 
         result = await bring_home(session.client, result, outputs)
+    if init is not None:
+        result["init"] = str(init)  # the picture as this session resolved it (the daemon may have a copy)
     return Outcome(result, render.generation(result, session.cwd))
 
 
@@ -324,6 +339,54 @@ async def run_quit(session: Session, _: None, started: Started) -> Outcome:
 INFORMATIONAL_FIELDS = frozenset({"Model hash", "Model", "TI hashes", "Version", "Lora hashes", "Emphasis",
                                   "VAE hash", "VAE", "Hashes", "Schedule type", "Prediction type",
                                   "Comma padding backtrack"})
+#: img2img and hires fix fields ``fetch_line`` turns into ``--strength`` / ``--hires ...`` options.
+IMG2IMG_FIELDS = frozenset({"Denoising strength", "Hires upscale", "Hires steps", "Hires upscaler"})
+#: The name an img2img picture's missing init picture has in ``unsupported`` (A1111 does not store it either).
+INIT_NOT_STORED = "Init image"
+
+
+def img2img_options(p: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The ``--strength`` or ``--hires ...`` options of a parameters text, and the fields among them that
+    cannot be honoured (an A1111 upscaler sdrepl lacks, an unreadable value; the init picture itself)."""
+    extra = p.get("extra") or {}
+    options: list[str] = []
+    left_out: list[str] = []
+
+    def number(key: str, convert: Callable[[str], Any]) -> Any:
+        try:
+            return convert(str(extra[key]).strip())
+        except (ValueError, KeyError):
+            left_out.append(key)
+            return None
+
+    if "Hires upscale" in extra:
+        scale = number("Hires upscale", to_float(*float_range("hires_scale")))
+        if scale is None:  # without the scale nothing of hires fix can be honoured
+            return [], [key for key in IMG2IMG_FIELDS if key in extra]
+        options.append(f"--hires {scale:g}")
+        if "Hires steps" in extra:
+            steps = number("Hires steps", to_int(*int_range("hires_steps")))
+            if steps:
+                options.append(f"--hires-steps {steps}")
+        if "Denoising strength" in extra:
+            denoise = number("Denoising strength", to_float(*float_range("hires_denoise")))
+            if denoise is not None:
+                options.append(f"--hires-denoise {denoise:g}")
+        if "Hires upscaler" in extra:
+            upscaler = str(extra["Hires upscaler"]).strip().lower()
+            if upscaler in ("latent", "lanczos"):
+                options.append(f"--hires-upscaler {upscaler}")
+            else:  # ESRGAN, "Latent (bicubic)", ...: A1111 upscalers sdrepl does not have
+                shown = re.sub(r"[^\w .+()-]", "?", str(extra["Hires upscaler"]))[:30]  # a stranger's text
+                left_out.append(f"Hires upscaler {shown}")
+    elif "Denoising strength" in extra:  # an img2img picture
+        strength = number("Denoising strength", to_float(*float_range("strength")))
+        if strength is not None:
+            options.append(f"--strength {strength:g}")
+            left_out.append(INIT_NOT_STORED)
+    elif "Hires steps" in extra or "Hires upscaler" in extra:
+        left_out += [key for key in ("Hires steps", "Hires upscaler") if key in extra]
+    return options, left_out
 
 
 def schedule_sampler(p: dict[str, Any]) -> str | None:
@@ -344,7 +407,8 @@ def unsupported_fields(p: dict[str, Any]) -> list[str]:
     ``!fetch`` and a pasted parameters block name them in a notice: a setting is never dropped silently.
     """
     extra = p.get("extra") or {}
-    names = [key for key in extra if key not in INFORMATIONAL_FIELDS]
+    names = [key for key in extra if key not in INFORMATIONAL_FIELDS and key not in IMG2IMG_FIELDS]
+    names += img2img_options(p)[1]
     schedule = str(extra.get("Schedule type") or "")
     if schedule and schedule.lower() not in ("automatic", "normal", "uniform") and \
             schedule_sampler(p) == p.get("sampler"):
@@ -355,7 +419,11 @@ def unsupported_fields(p: dict[str, Any]) -> list[str]:
 def unsupported_notice(names: list[str]) -> str:
     """One line naming them (keys match ``core.pnginfo``'s ``\\w[\\w -/]+``: no escapes to fear; capped)."""
     shown = ", ".join(n[:40] for n in names[:20])
-    return f"note: not supported by sdrepl, left out: {shown}"
+    note = f"note: not supported by sdrepl, left out: {shown}"
+    if INIT_NOT_STORED in names:
+        note += ("; an img2img picture's metadata does not hold its init picture (A1111 does not store it "
+                 "either): add --init IMAGE to the line")
+    return note
 
 
 def fetch_line(p: dict[str, Any]) -> str:
@@ -387,6 +455,7 @@ def fetch_line(p: dict[str, Any]) -> str:
             options.append(f"--comma-padding-backtrack {int(str(extra['Comma padding backtrack']))}")
     except ValueError:
         pass  # an unreadable value: the setting is left to the session, as an unknown field would be
+    options += img2img_options(p)[0]
     prompt = escape(p.get("prompt") or "")
     if "\n" in prompt or "\n" in (p.get("negative") or ""):
         return '"""\n' + prompt + "\n" + " ".join(options) + '\n"""'

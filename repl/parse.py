@@ -32,8 +32,8 @@ from sdrepl.core.prompt import MAX_COMMA_WINDOW, emphasis_mode
 from sdrepl.core.samplers import find_sampler
 
 _LONG = r"--[A-Za-z][\w-]*(?==|\s|$)"
-_SHORT_GLUED = r"-(?:[sWHn]\d+|S-?\d+|C\d+(?:\.\d+)?|Ak_\w+|A(?:ddim|plms))(?=\s|$)"
-_SHORT_ALONE = r"-[sSCWHAn](?=\s|$)"
+_SHORT_GLUED = r"-(?:[sWHn]\d+|S-?\d+|C\d+(?:\.\d+)?|f\d*\.?\d+|Ak_\w+|A(?:ddim|plms))(?=\s|$)"
+_SHORT_ALONE = r"-[sSCWHAnIf](?=\s|$)"
 _LONG_RE = re.compile(rf"(?:(?<=\s)|^)({_LONG})")
 _SHORT_RE = re.compile(rf"(?:(?<=\s)|^)({_LONG}|{_SHORT_GLUED}|{_SHORT_ALONE})")
 
@@ -230,7 +230,27 @@ GENERATION_OPTIONS: tuple[Option, ...] = (
     Option("emphasis", ("--emphasis",), lambda v: to_emphasis(v), "MODE"),
     Option("comma_padding_backtrack", ("--comma-padding-backtrack", "--comma_padding_backtrack"),
            to_int(0, MAX_COMMA_WINDOW), "N"),
+    # img2img (InvokeAI's -I/-f, A1111's img2img tab) and A1111's Hires. fix (core/img2img.py, core/hires.py)
+    Option("init", ("--init", "-I", "--init_img", "--init-img"), lambda v: to_path(v), "IMAGE"),
+    Option("strength", ("--strength", "-f", "--denoising-strength", "--denoising_strength"),
+           to_float(*float_range("strength")), "F"),
+    Option("hires", ("--hires", "--hr-scale", "--hr_scale"), to_float(*float_range("hires_scale")), "SCALE"),
+    Option("hires_steps", ("--hires-steps", "--hires_steps"), to_int(*int_range("hires_steps")), "N"),
+    Option("hires_denoise", ("--hires-denoise", "--hires_denoise"), to_float(*float_range("hires_denoise")), "F"),
+    Option("hires_upscaler", ("--hires-upscaler", "--hires_upscaler"), to_choice("latent", "lanczos"),
+           "latent|lanczos"),
 )
+
+#: Hires fix's options that mean nothing without ``--hires SCALE``.
+HIRES_DETAILS = ("hires_steps", "hires_denoise", "hires_upscaler")
+
+
+def to_path(text: str) -> str:
+    """A file path as typed (resolved against the session folder when the line runs)."""
+    value = text.strip()
+    if not value or "\x00" in value:
+        raise ValueError("is not a file path; give the picture, e.g. --init photos/cat.png")
+    return value
 
 
 def to_emphasis(text: str) -> str:
@@ -261,11 +281,17 @@ class GenerationLine:
     clip_skip: int | None = None
     emphasis: str | None = None
     comma_padding_backtrack: int | None = None
+    init: str | None = None
+    strength: float | None = None
+    hires: float | None = None
+    hires_steps: int | None = None
+    hires_denoise: float | None = None
+    hires_upscaler: str | None = None
 
 
 #: InvokeAI's short switches that sdrepl does not support: an error naming the switch, never prompt text.
 UNSUPPORTED_SWITCHES = {
-    "I": "an init image (img2img)", "f": "the img2img strength", "M": "an init mask", "F": "fit to the init image",
+    "M": "an init mask", "F": "fit to the init image",
     "U": "upscaling", "G": "face restoration", "v": "variation amount", "V": "variations",
     "x": "skip normalizing variations", "g": "a grid of the pictures", "i": "individual pictures",
     "t": "tokenization logs (use !tokens)", "T": "fit", "E": "embiggen", "k": "embiggen tiles",
@@ -291,9 +317,11 @@ def parse_generation(text: str) -> GenerationLine:
     if len(head) >= 2 and head[0] == head[-1] and head[0] in "\"'" and head[0] not in head[1:-1]:
         head = head[1:-1].strip()  # InvokeAI's habit: "a prompt in quotes" -s 30
     line = GenerationLine(prompt=head)
-    for key in ("negative", "steps", "cfg", "sampler", "n", "clip_skip", "emphasis", "comma_padding_backtrack"):
+    for key in ("negative", "steps", "cfg", "sampler", "n", "clip_skip", "emphasis", "comma_padding_backtrack",
+                "init", "strength", "hires", *HIRES_DETAILS):
         if key in values:
             setattr(line, key, values[key])
+    check_img2img(line)
     if "seed" in values:
         line.seed, line.seed_given = values["seed"], True
     if "size" in values:
@@ -301,6 +329,20 @@ def parse_generation(text: str) -> GenerationLine:
     line.width = values.get("width", line.width)
     line.height = values.get("height", line.height)
     return line
+
+
+def check_img2img(line: GenerationLine) -> None:
+    """The img2img and hires options' rules, said on the line that breaks them (the daemon checks too)."""
+    if line.strength is not None and line.init is None:
+        raise UsageError("--strength/-f is img2img's denoising strength: give the picture too, --init IMAGE "
+                         "(A1111 and sdrepl do not store the init picture in a PNG's parameters)")
+    if line.hires is None:
+        given = [f"--{key.replace('_', '-')}" for key in HIRES_DETAILS if getattr(line, key) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} set(s) hires fix: give the scale too, --hires SCALE (e.g. 2)")
+    elif line.init is not None:
+        raise UsageError("--hires is txt2img's Hires. fix and does not combine with --init (img2img): for a larger "
+                         "img2img picture give the size you want with --size")
 
 
 def generation_help() -> str:

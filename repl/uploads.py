@@ -73,3 +73,14 @@ async def _send(client: Any, begun: dict[str, Any], files: list[Path]) -> str:
             raise UsageError(f"{path}: {exc.reason}") from None
     done = await client.request("upload_end", upload=token)
     return str(done["data"])
+
+
+async def upload_init(client: Any, path: Path) -> str:
+    """``--init IMAGE`` against a remote daemon: send the picture; the ``upload:<id>`` token ``generate``'s
+    ``init`` takes (the daemon reads, checks and then removes it)."""
+    if not path.is_file():
+        raise UsageError(f"--init {path}: no such file here; give a PNG, JPEG or WebP picture")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UsageError(f"--init {path}: not a picture name ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    begun = await client.request("upload_begin", kind="init")
+    return await _send(client, begun, [path])

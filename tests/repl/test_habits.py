@@ -39,7 +39,7 @@ def test_a_prompt_that_merely_contains_the_word_is_a_prompt(fake):
 
 
 @pytest.mark.parametrize(("line", "switch"), [
-    ("a cat -I init.png -f 0.5", "-I"), ("a cat -f0.6", "-f"), ("a cat -U 2 0.6", "-U"), ("a cat -v 0.1", "-v"),
+    ("a cat -M mask.png -F", "-M"), ("a cat -F", "-F"), ("a cat -U 2 0.6", "-U"), ("a cat -v 0.1", "-v"),
     ("a cat -x", "-x"), ("a cat -s 20 -g", "-g"),
 ])
 def test_unsupported_invokeai_switches_are_errors_naming_them(fake, line, switch):

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 from daemon_testing import make_daemon, short_dir
+from PIL import Image
 from repl_testing import PROMPT, close_repl, repl_env, spawn_repl
 
 pexpect = pytest.importorskip("pexpect")
@@ -65,8 +66,8 @@ def test_habits_hint_refuse_and_bye_leaves(repl, daemon):
     before = pictures(daemon)
     repl.sendcontrol("c")  # on an empty line: how to leave
     repl.expect_exact("Ctrl-D or !quit to leave")
-    repl.send("a cat -I init.png --steps 2\r")
-    repl.expect_exact("-I (InvokeAI's an init image (img2img)) is not supported")
+    repl.send("a cat -M mask.png --steps 2\r")
+    repl.expect_exact("-M (InvokeAI's an init mask) is not supported")
     repl.expect_exact(PROMPT)
     repl.send("a cat --stpes 2\r")
     repl.expect_exact("(did you mean --steps?)")
@@ -101,7 +102,7 @@ A1111_BLOCK = ("a red fox in the snow\r\nNegative prompt: blurry\r\nSteps: 2, Sa
 def test_a_pasted_a1111_block_is_one_generation_with_its_settings(repl, daemon):
     before = pictures(daemon)
     repl.send("\x1b[200~" + A1111_BLOCK + "\x1b[201~")  # a bracketed paste, as the terminal sends it
-    repl.expect_exact("left out: Denoising strength, Hires upscale, ADetailer model")
+    repl.expect_exact("left out: ADetailer model")  # its hires fix became --hires 2 --hires-denoise 0.45
     repl.expect_exact("--sampler Euler")  # the line is in the buffer, to edit before Enter
     repl.send("\r")
     repl.expect(r"\.png\s+\(seed 4242,", timeout=120)
@@ -110,9 +111,13 @@ def test_a_pasted_a1111_block_is_one_generation_with_its_settings(repl, daemon):
     assert len(made) == 1
     from sdrepl.core.pnginfo import parse_parameters, read_png_parameters
 
-    params = parse_parameters(read_png_parameters(made.pop()))
+    made_path = made.pop()
+    params = parse_parameters(read_png_parameters(made_path))
     assert (params["prompt"], params["negative"], params["steps"], params["cfg"], params["seed"]) == (
         "a red fox in the snow", "blurry", 2, 6.5, 4242)
+    assert (params["extra"]["Hires upscale"], params["extra"]["Denoising strength"]) == ("2", "0.45")
+    with Image.open(made_path) as picture:  # the hires pass: twice the size
+        assert picture.size == (128, 128)
 
 
 # -- item 8: screen hygiene, in tmux (what the screen really shows) ----------------------------------

@@ -37,9 +37,36 @@ def number(value: float) -> str:
     return f"{value:g}" if isinstance(value, float) else str(int(value))
 
 
+#: img2img and hires fix options: spelling -> (daemon parameter, its LIMITS key, what the line needs besides).
+CONTEXT_OPTIONS = {"--strength": ("strength", "strength", " --init x.png"),
+                   "--hires": ("hires", "hires_scale", " --size 64x64"),
+                   "--hires-steps": ("hires_steps", "hires_steps", " --hires 2"),
+                   "--hires-denoise": ("hires_denoise", "hires_denoise", " --hires 2")}
+
+
 def test_every_numeric_generation_option_is_in_the_table():
-    keys = {o.key for o in GENERATION_OPTIONS} - {"negative", "sampler", "size", "emphasis"}
-    assert keys == set(LINE_OPTIONS.values())
+    keys = {o.key for o in GENERATION_OPTIONS} - {"negative", "sampler", "size", "emphasis", "init",
+                                                   "hires_upscaler"}
+    assert keys == set(LINE_OPTIONS.values()) | {name for name, _, _ in CONTEXT_OPTIONS.values()}
+
+
+@pytest.mark.parametrize(("spelling", "names"), CONTEXT_OPTIONS.items())
+def test_img2img_and_hires_limits_agree(spelling, names):
+    name, limit_key, context = names
+    base = {"prompt": "a cat", "width": 64, "height": 64, **({"init": "/x.png"} if "init" in context else {}),
+            **({"hires": 2.0} if "--hires " in context else {})}
+    for value in probes(limit_key):
+        try:
+            line = parse_generation(f"a cat {spelling} {number(value)}{context}")
+        except SdreplError:
+            with pytest.raises(BadRequest):
+                parse_job({**base, name: value})
+            continue
+        params = generation_params(line, SessionDefaults())
+        job, _ = parse_job(params)  # must not raise: the REPL let it through
+        got = {"strength": job.strength, "hires": job.hires and job.hires.scale,
+               "hires_steps": job.hires and job.hires.steps, "hires_denoise": job.hires and job.hires.denoise}[name]
+        assert got == value
 
 
 @pytest.mark.parametrize(("spelling", "name"), LINE_OPTIONS.items())

@@ -1,8 +1,8 @@
 """A paste is one entry (issue 11, item 2): A1111 parameters become one generation line, with a notice.
 
 The A1111 block below is what the PNG Info tab of AUTOMATIC1111 1.9 shows for a hires-fixed, ADetailer'd
-picture: its Hires, Denoising and ADetailer settings cannot be honoured and must be named, never dropped
-silently; ``!fetch`` of the same text says the same.
+picture: its Hires. fix settings become ``--hires`` options, its ADetailer settings cannot be honoured and
+must be named, never dropped silently; ``!fetch`` of the same text says the same.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ def test_a_parameters_block_becomes_one_line_with_its_settings(fake):
     pasted = paste_entry(A1111_BLOCK.replace("\n", "\r\n"))
     assert pasted.text.startswith('"""\nmasterpiece, a red fox in the snow, <bad-hands-5>\nlooking at the viewer\n')
     for option in ("--neg blurry, lowres", "--steps 2", "--cfg 6.5", "--seed 1234", "--size 64x64",
-                   "--sampler DPM++ 2M Karras"):
+                   "--sampler DPM++ 2M Karras", "--hires 2 --hires-denoise 0.45 --hires-upscaler latent"):
         assert option in pasted.text
-    for name in ("Denoising strength", "Hires upscale", "Hires upscaler", "ADetailer model"):
-        assert name in pasted.notice
+    assert "ADetailer model" in pasted.notice
+    for name in ("Denoising strength", "Hires upscale", "Hires upscaler"):
+        assert name not in pasted.notice
     assert "Model hash" not in pasted.notice and "Version" not in pasted.notice
     result = asyncio.run(Session(fake).execute(pasted.text))  # Enter: one generation with those settings
     assert result.ok and fake.types() == ["generate"]
@@ -38,6 +39,7 @@ def test_a_parameters_block_becomes_one_line_with_its_settings(fake):
     assert sent["prompt"] == "masterpiece, a red fox in the snow, <bad-hands-5>\nlooking at the viewer"
     assert (sent["negative"], sent["steps"], sent["cfg"], sent["seed"], sent["sampler"], sent["width"]) == (
         "blurry, lowres", 2, 6.5, 1234, "DPM++ 2M Karras", 64)
+    assert (sent["hires"], sent["hires_denoise"], sent["hires_upscaler"]) == (2.0, 0.45, "latent")
 
 
 def test_a_one_line_prompt_block_stays_one_line():
@@ -62,6 +64,5 @@ def test_fetch_names_the_unsupported_fields_too(fake, tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png", pnginfo=png_text_chunks(A1111_BLOCK))
     result = asyncio.run(Session(fake, cwd=tmp_path).execute("!fetch a.png"))
     assert result.ok and result.edit_buffer == paste_entry(A1111_BLOCK).text
-    assert result.result["unsupported"] == ["Denoising strength", "Hires upscale", "Hires upscaler", "ADetailer model"]
-    assert result.text.splitlines()[-1] == ("note: not supported by sdrepl, left out: Denoising strength, "
-                                            "Hires upscale, Hires upscaler, ADetailer model")
+    assert result.result["unsupported"] == ["ADetailer model"]
+    assert result.text.splitlines()[-1] == "note: not supported by sdrepl, left out: ADetailer model"

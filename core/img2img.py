@@ -1,0 +1,208 @@
+"""img2img: an init picture read safely, fitted to the job ("Just resize"), VAE-encoded, noised to a step.
+
+What A1111's img2img tab and InvokeAI's ``-I init.png -f 0.75`` do, on sdrepl's own loop
+(``core.denoise``'s initial-latents hook): the picture is resized to the job's size with Lanczos (A1111's
+"Just resize"; without a size, its own size rounded down to a multiple of 8), flattened onto white when it
+has alpha (A1111's default background), turned upright by its EXIF orientation, encoded by the VAE (the
+distribution's mode, so a seed gives one picture: A1111 samples it with an unseeded RNG), then noised to
+the step ``strength`` selects. ``int(steps * strength)`` steps run (diffusers' and A1111's count without
+"fix steps"): strength 0 runs none (the init latents decoded unchanged), strength 1 runs every step from
+the init latents noised to the first timestep (not pure noise: ``add_noise`` keeps the init's trace; see
+``tests/core/test_img2img.py`` for what holds).
+
+The file is a stranger's: read through ``core.safe_open`` (no FIFO blocks, at most
+:data:`MAX_INIT_BYTES`), its declared dimensions checked from the header before a pixel is decoded
+(a PNG's from its chunk list, like ``!fetch`` and the embedding readers), decoding bounded by
+:data:`MAX_INIT_PIXELS`. Every failure is an :class:`InitImageError` naming the file and the way out.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdrepl.core.errors import SdreplError
+from sdrepl.core.limits import LIMITS
+
+#: The largest init file read (a 8192x8192 PNG of a photo is well under this).
+MAX_INIT_BYTES = 256 * 1024 * 1024
+#: The most pixels an init picture may declare (decoding it takes 3 bytes per pixel, then it is resized).
+MAX_INIT_PIXELS = 8192 * 8192
+#: The longest side an init picture may declare.
+MAX_INIT_SIDE = 16384
+#: A1111's ``img2img_background_color`` default: alpha is flattened onto white.
+BACKGROUND = (255, 255, 255)
+
+
+class InitImageError(SdreplError):
+    """An init picture that cannot be used (missing, not a picture, too large, damaged)."""
+
+
+@dataclass(frozen=True)
+class InitPicture:
+    """A decoded, upright RGB init picture and where it came from (the path as given, for the result)."""
+
+    image: Any  # PIL.Image.Image, RGB
+    path: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.image.width), int(self.image.height)
+
+
+def _refuse(path: str, reason: str) -> InitImageError:
+    return InitImageError(f"init picture {path}: {reason}; give a PNG, JPEG or WebP picture (--init IMAGE)")
+
+
+def _declared_size(path: str, data: bytes) -> tuple[int, int]:
+    """Width and height the file declares, read from its header (no pixel decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from sdrepl.core.formats.png_chunks import PNG_MAGIC, PngRefused, read_png_header
+
+    if data.startswith(PNG_MAGIC):
+        try:
+            header = read_png_header(data, "parameters", 1024 * 1024)
+        except PngRefused as exc:
+            raise _refuse(path, f"not a readable PNG ({exc.reason})") from None
+        return header.width, header.height
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # lazy: the header only
+            return int(image.width), int(image.height)
+    except UnidentifiedImageError:
+        raise _refuse(path, "not a picture (neither PNG, JPEG, WebP nor another kind Pillow reads)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise _refuse(path, f"not a readable picture ({exc})") from None
+
+
+def check_dimensions(path: str, width: int, height: int) -> None:
+    """Refuse a picture whose declared size would take more memory to decode than an init may."""
+    if width <= 0 or height <= 0:
+        raise _refuse(path, f"it declares an empty size {width}x{height}")
+    if width > MAX_INIT_SIDE or height > MAX_INIT_SIDE or width * height > MAX_INIT_PIXELS:
+        raise _refuse(path, f"it declares {width}x{height} pixels, more than an init picture may have (at most "
+                            f"{MAX_INIT_SIDE} a side and {MAX_INIT_PIXELS:,} pixels); scale it down first")
+
+
+def load_init_picture(path: Path | str, shown: str | None = None) -> InitPicture:
+    """Read, check and decode the init picture at ``path`` (``shown``: the path as the user wrote it)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from sdrepl.core.safe_open import UnsafeFile, read_regular_file
+
+    name = shown or str(path)
+    try:
+        data, _ = read_regular_file(path, MAX_INIT_BYTES)
+    except FileNotFoundError:
+        raise _refuse(name, "no such file") from None
+    except IsADirectoryError:
+        raise _refuse(name, "a folder, not a picture") from None
+    except UnsafeFile as exc:
+        raise _refuse(name, exc.reason) from None
+    except OSError as exc:
+        raise _refuse(name, f"cannot be read ({exc.strerror or exc})") from None
+    width, height = _declared_size(name, data)
+    check_dimensions(name, width, height)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as opened:
+                if (opened.width, opened.height) != (width, height):
+                    raise _refuse(name, "its header and its picture disagree on the size")
+                image = ImageOps.exif_transpose(opened)
+                image.load()
+    except InitImageError:
+        raise
+    except UnidentifiedImageError:
+        raise _refuse(name, "not a picture Pillow can read (damaged, or another kind of file)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning,
+            Image.DecompressionBombError) as exc:
+        raise _refuse(name, f"not a readable picture, damaged ({exc})") from None
+    return InitPicture(flatten(image), name)
+
+
+def flatten(image: Any) -> Any:
+    """RGB, with any transparency composited onto :data:`BACKGROUND` (A1111's ``images.flatten``)."""
+    from PIL import Image
+
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+        background.alpha_composite(rgba)
+        return background.convert("RGB")
+    return image.convert("RGB")
+
+
+def fitted_size(width: int, height: int) -> tuple[int, int]:
+    """A job size from an init picture's size: each side rounded down to a multiple of 8, within
+    ``core.limits`` (a side smaller than the lowest limit is raised to it; a larger one capped)."""
+    out = []
+    for key, side in (("width", width), ("height", height)):
+        limit = LIMITS[key]
+        step = limit.multiple or 8
+        out.append(int(min(max(side - side % step, limit.lo), limit.hi)))
+    return out[0], out[1]
+
+
+def just_resize(image: Any, width: int, height: int) -> Any:
+    """A1111's "Just resize": stretched to the size with Lanczos, no crop (unchanged if it fits already)."""
+    from PIL import Image
+
+    if (image.width, image.height) == (width, height):
+        return image
+    return image.resize((width, height), resample=Image.LANCZOS)
+
+
+def steps_to_run(steps: int, strength: float) -> int:
+    """How many of ``steps`` sampler steps an img2img run at ``strength`` takes: ``int(steps * strength)``
+    (diffusers' ``get_timesteps`` and A1111 without "fix steps"); it starts at step ``steps - that``."""
+    return min(int(steps * strength), steps)
+
+
+def _scaled(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents to the UNet's space (the inverse of ``core.denoise.decode``'s unscaling)."""
+    config = vae.config
+    mean = getattr(config, "latents_mean", None)
+    std = getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        return (latents - mean_t) * config.scaling_factor / std_t
+    return latents * config.scaling_factor
+
+
+def _encode_one(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    out = vae.encode(pixels.to(vae.device, vae.dtype))
+    dist = getattr(out, "latent_dist", None)
+    return dist.mode() if dist is not None else out.latents
+
+
+@torch.no_grad()
+def encode_pictures(components: Any, images: list[Any]) -> torch.Tensor:
+    """PIL pictures (all the same size) -> scaled latents ``[N, C, h, w]``, one picture per VAE call (as
+    ``core.denoise.decode``: a batch's latents equal their batch-of-one latents). An fp16 VAE that
+    overflows is retried in fp32 for that picture (SDXL's VAE does), as decoding is."""
+    vae = components.vae
+    processor = components.image_processor
+    parts = []
+    for image in images:
+        pixels = processor.preprocess(image)
+        latents = _encode_one(vae, pixels)
+        if vae.dtype == torch.float16 and not bool(torch.isfinite(latents).all()):
+            vae.to(torch.float32)
+            try:
+                latents = _encode_one(vae, pixels)
+            finally:
+                vae.to(torch.float16)
+        parts.append(_scaled(vae, latents.float()))
+    return torch.cat(parts)
+
+
+def init_latents(components: Any, picture: InitPicture, width: int, height: int) -> torch.Tensor:
+    """The init picture resized to ``width`` x ``height`` and encoded: clean latents ``[1, C, h, w]``."""
+    return encode_pictures(components, [just_resize(picture.image, width, height)])
