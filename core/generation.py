@@ -69,6 +69,11 @@ class GenerationJob:
 
         return hires_size(self.width, self.height, self.hires.scale)
 
+    @property
+    def steps_run(self) -> int:
+        """Sampler steps one picture takes over all its passes (what progress counts per picture)."""
+        return sum(run for _, run in self.pass_steps())
+
     def pass_steps(self) -> list[tuple[int, int]]:
         """``(schedule steps, steps run)`` of each sampler pass: one, or two with hires fix; an img2img pass
         runs ``int(steps * strength)`` of its schedule."""
@@ -244,7 +249,7 @@ def start_generation(
     extra = {**prediction_field(model), **(networks.parameters() if networks is not None else {}),
              **generation_extras(job, cond.plan.texts()), **job_parameters(job)}
     ti_hashes = recorder.ti_hashes()
-    per_picture = sum(run_steps for _, run_steps in passes)
+    per_picture = job.steps_run
     total = per_picture * job.n
     writes = PendingWrites()
     seeds = [job.seed + index for index in range(job.n)]

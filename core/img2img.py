@@ -10,16 +10,13 @@ the step ``strength`` selects. ``int(steps * strength)`` steps run (diffusers' a
 the init latents noised to the first timestep (not pure noise: ``add_noise`` keeps the init's trace; see
 ``tests/core/test_img2img.py`` for what holds).
 
-The file is a stranger's: read through ``core.safe_open`` (no FIFO blocks, at most
-:data:`MAX_INIT_BYTES`), its declared dimensions checked from the header before a pixel is decoded
-(a PNG's from its chunk list, like ``!fetch`` and the embedding readers), decoding bounded by
-:data:`MAX_INIT_PIXELS`. Every failure is an :class:`InitImageError` naming the file and the way out.
+The file is a stranger's: read by ``core.picture_files.open_picture`` (through ``core.safe_open``: no FIFO
+blocks, bytes bounded; the declared size checked from the header against ``MAX_PICTURE_PIXELS`` before a
+pixel is decoded). Every failure is an :class:`InitImageError` naming the file and the way out.
 """
 
 from __future__ import annotations
 
-import io
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +26,6 @@ import torch
 from sdrepl.core.errors import SdreplError
 from sdrepl.core.limits import LIMITS
 
-#: The largest init file read (a 8192x8192 PNG of a photo is well under this).
-MAX_INIT_BYTES = 256 * 1024 * 1024
-#: The most pixels an init picture may declare (decoding it takes 3 bytes per pixel, then it is resized).
-MAX_INIT_PIXELS = 8192 * 8192
-#: The longest side an init picture may declare.
-MAX_INIT_SIDE = 16384
 #: A1111's ``img2img_background_color`` default: alpha is flattened onto white.
 BACKGROUND = (255, 255, 255)
 
@@ -56,86 +47,21 @@ class InitPicture:
 
 
 def _refuse(path: str, reason: str) -> InitImageError:
-    return InitImageError(f"init picture {path}: {reason}; give a PNG, JPEG or WebP picture (--init IMAGE)")
-
-
-def _declared_size(path: str, data: bytes) -> tuple[int, int]:
-    """Width and height the file declares, read from its header (no pixel decoded)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from sdrepl.core.formats.png_chunks import PNG_MAGIC, PngRefused, read_png_header
-
-    if data.startswith(PNG_MAGIC):
-        try:
-            header = read_png_header(data, "parameters", 1024 * 1024)
-        except PngRefused as exc:
-            raise _refuse(path, f"not a readable PNG ({exc.reason})") from None
-        return header.width, header.height
-    try:
-        with Image.open(io.BytesIO(data)) as image:  # lazy: the header only
-            return int(image.width), int(image.height)
-    except UnidentifiedImageError:
-        raise _refuse(path, "not a picture (neither PNG, JPEG, WebP nor another kind Pillow reads)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise _refuse(path, f"not a readable picture ({exc})") from None
-
-
-def check_dimensions(path: str, width: int, height: int) -> None:
-    """Refuse a picture whose declared size would take more memory to decode than an init may."""
-    if width <= 0 or height <= 0:
-        raise _refuse(path, f"it declares an empty size {width}x{height}")
-    if width > MAX_INIT_SIDE or height > MAX_INIT_SIDE or width * height > MAX_INIT_PIXELS:
-        raise _refuse(path, f"it declares {width}x{height} pixels, more than an init picture may have (at most "
-                            f"{MAX_INIT_SIDE} a side and {MAX_INIT_PIXELS:,} pixels); scale it down first")
+    advice = "" if "PNG" in reason else "; give a PNG, JPEG or WebP picture"
+    return InitImageError(f"init picture {path}: {reason}{advice} (--init IMAGE)")
 
 
 def load_init_picture(path: Path | str, shown: str | None = None) -> InitPicture:
-    """Read, check and decode the init picture at ``path`` (``shown``: the path as the user wrote it)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    from sdrepl.core.safe_open import UnsafeFile, read_regular_file
+    """Read, check and decode the init picture at ``path`` (``shown``: the path as the user wrote it) with
+    ``core.picture_files.open_picture``, the one bounded picture reader (header size checked first)."""
+    from sdrepl.core.picture_files import PictureError, open_picture
 
     name = shown or str(path)
     try:
-        data, _ = read_regular_file(path, MAX_INIT_BYTES)
-    except FileNotFoundError:
-        raise _refuse(name, "no such file") from None
-    except IsADirectoryError:
-        raise _refuse(name, "a folder, not a picture") from None
-    except UnsafeFile as exc:
+        image = open_picture(path, background=BACKGROUND)
+    except PictureError as exc:
         raise _refuse(name, exc.reason) from None
-    except OSError as exc:
-        raise _refuse(name, f"cannot be read ({exc.strerror or exc})") from None
-    width, height = _declared_size(name, data)
-    check_dimensions(name, width, height)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as opened:
-                if (opened.width, opened.height) != (width, height):
-                    raise _refuse(name, "its header and its picture disagree on the size")
-                image = ImageOps.exif_transpose(opened)
-                image.load()
-    except InitImageError:
-        raise
-    except UnidentifiedImageError:
-        raise _refuse(name, "not a picture Pillow can read (damaged, or another kind of file)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as exc:
-        raise _refuse(name, f"not a readable picture, damaged ({exc})") from None
-    return InitPicture(flatten(image), name)
-
-
-def flatten(image: Any) -> Any:
-    """RGB, with any transparency composited onto :data:`BACKGROUND` (A1111's ``images.flatten``)."""
-    from PIL import Image
-
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
-        background.alpha_composite(rgba)
-        return background.convert("RGB")
-    return image.convert("RGB")
+    return InitPicture(image, name)
 
 
 def fitted_size(width: int, height: int) -> tuple[int, int]:

@@ -41,8 +41,10 @@ class PictureError(SdreplError):
 
 
 def open_picture(path: Path | str, *, max_pixels: int = MAX_PICTURE_PIXELS,
-                 max_bytes: int = MAX_PICTURE_FILE_BYTES):
+                 max_bytes: int = MAX_PICTURE_FILE_BYTES, background: tuple[int, int, int] | None = None):
     """The picture at ``path`` decoded as an RGB ``PIL.Image`` (EXIF orientation applied, first frame).
+    ``background``: transparency is composited onto this colour (img2img, as A1111's ``flatten``) rather
+    than dropped.
 
     Raises :class:`PictureError` naming what was wrong: missing, not a regular file, too many bytes, a
     header declaring more than ``max_pixels``, or not a picture Pillow can decode. ``FileNotFoundError``
@@ -61,7 +63,13 @@ def open_picture(path: Path | str, *, max_pixels: int = MAX_PICTURE_PIXELS,
                         raise PictureError(path, f"its header declares {width}x{height} pixels, more than the "
                                                  f"{max_pixels:,} sdrepl decodes; scale it down first")
                     image.load()
-                    return ImageOps.exif_transpose(image).convert("RGB")
+                    upright = ImageOps.exif_transpose(image)
+                    if background is not None and _has_alpha(upright):
+                        rgba = upright.convert("RGBA")
+                        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+                        canvas.alpha_composite(rgba)
+                        return canvas.convert("RGB")
+                    return upright.convert("RGB")
             except Image.UnidentifiedImageError:
                 raise PictureError(path, "not a picture Pillow recognises; use a PNG, JPEG or WEBP file") from None
             except Image.DecompressionBombError as exc:
@@ -79,3 +87,7 @@ def open_picture(path: Path | str, *, max_pixels: int = MAX_PICTURE_PIXELS,
         raise PictureError(path, "permission denied") from None
     except IsADirectoryError:
         raise PictureError(path, "a folder, not a picture file") from None
+
+
+def _has_alpha(image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)

@@ -163,7 +163,7 @@ async def generate(ctx: DaemonContext, params: dict, req: Request) -> dict:
         started: list[float] = []
         ahead = ctx.worker.ahead if ctx.pool is None else ctx.pool.ahead
         if ahead:  # protocol v2: the client can say "queued (position N)" until the first step arrives
-            req.send_event("progress", request=req.id, step=0, total=job.steps * job.n, image=0, images=job.n,
+            req.send_event("progress", request=req.id, step=0, total=job.steps_run * job.n, image=0, images=job.n,
                            queued=ahead)
 
         def work(on: Any = model) -> PendingGeneration:

@@ -185,14 +185,22 @@ def png_declaring(width: int, height: int) -> bytes:
             + chunk(b"IEND", b""))
 
 
+def noisy_png() -> bytes:
+    import io
+
+    data = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data, "PNG")
+    return data.getvalue()
+
+
 @pytest.mark.parametrize(("make", "needle"), [
     (lambda d: d / "missing.png", "no such file"),
     (lambda d: (d / "notes.png").write_text("not a picture") and d / "notes.png", "not a picture"),
     (lambda d: (d / "huge.png").write_bytes(png_declaring(100_000, 100_000)) and d / "huge.png",
-     "declares 100000x100000 pixels"),
-    (lambda d: (d / "wide.png").write_bytes(png_declaring(20_000, 8)) and d / "wide.png", "at most 16384"),
-    (lambda d: (d / "broken.png").write_bytes(png_declaring(8, 8)[:30]) and d / "broken.png", "damaged"),
-    (lambda d: (d / "cut.png").write_bytes(png_declaring(8, 8)[:20]) and d / "cut.png", "not a readable PNG"),
+     "header declares"),
+    (lambda d: (d / "big.png").write_bytes(png_declaring(9000, 9000)) and d / "big.png",
+     "declares 9000x9000 pixels"),
+    (lambda d: (d / "broken.png").write_bytes(noisy_png()[:600]) and d / "broken.png", "can be read"),
     (lambda d: (d / "folder.png").mkdir() or d / "folder.png", "folder"),
     (lambda d: os.mkfifo(d / "pipe.png") or d / "pipe.png", "FIFO"),
 ])
@@ -202,16 +210,6 @@ def test_bad_init_files_are_refused_naming_the_file(tmp_path, make, needle):
         load_init_picture(path)
     message = str(caught.value)
     assert needle in message and str(path) in message and "--init IMAGE" in message
-
-
-def test_the_pixel_bound_is_checked_before_decoding(tmp_path, monkeypatch):
-    from sdrepl.core import img2img
-
-    Image.new("RGB", (1200, 1000)).save(tmp_path / "big.png")
-    monkeypatch.setattr(img2img, "MAX_INIT_PIXELS", 1000 * 1000)
-    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded a picture over the bound"))
-    with pytest.raises(InitImageError, match="declares 1200x1000 pixels"):
-        load_init_picture(tmp_path / "big.png")
 
 
 def test_encoding_is_deterministic_and_per_picture(tiny_model):
