@@ -6,7 +6,8 @@ one forward hook holding a list of :class:`~sdrepl.core.networks.deltas.Term`; t
 
 - **Reversal is exact by construction**: the resident weights are never written; when the last term of a
   module goes, its hook is removed and the module is the untouched original again (bit for bit).
-- **Reuse costs nothing** (the same set: no work), a **weight change** is a float per term, a **switch**
+- **Reuse costs nothing** (the same set: no work), a **weight change** is a float per term (written into a
+  0-dim tensor, so a compiled UNet does not recompile for it), a **switch**
   removes the old terms and attaches the new ones; only a LoRA's first use reads and converts tensors.
 - **Gradients stay right**: terms hold plain tensors (no ``requires_grad``), and the hook is ordinary
   autograd, so training a textual-inversion embedding with LoRAs active trains only the embedding, with
@@ -53,9 +54,8 @@ class _Hooked:
         def hook(_module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             x = args[0]
             for term in terms:
-                factor = term.factor
-                if factor:
-                    output = output + term.forward(x) * factor
+                if term.active:
+                    output = output + term.forward(x) * term.factor_tensor
             return output
 
         self.handle = module.register_forward_hook(hook)

@@ -146,7 +146,11 @@ class Term:
         device, dtype = weight.device, weight.dtype
         self.conv = isinstance(module, torch.nn.Conv2d)
         self.module_args = ((module.stride, module.padding, module.dilation, module.groups) if self.conv else ())
-        self.multiplier = 1.0
+        #: ``scale * multiplier`` as a 0-dim tensor on the module's device, changed in place: a compiled UNet
+        #: (``--compile``) reads it as an input, where a Python float is a constant it guards on and
+        #: recompiles for at every new weight (``<lora:x:0.5>`` then ``<lora:x:0.7>``).
+        self.factor_tensor = torch.zeros((), device=device, dtype=torch.float32)
+        self._multiplier = 1.0
         self.bias: torch.Tensor | None = None
         self.dense: torch.Tensor | None = None
         if "dora" in delta.tensors:
@@ -170,10 +174,23 @@ class Term:
                 self.dense = dense_delta(delta, weight).to(device, dtype)
             if "diff_b" in delta.tensors:
                 self.bias = delta.tensors["diff_b"].reshape(-1).to(device, dtype)
+        self.multiplier = 1.0
+
+    @property
+    def multiplier(self) -> float:
+        return self._multiplier
+
+    @multiplier.setter
+    def multiplier(self, value: float) -> None:
+        self._multiplier = float(value)
+        self.factor_tensor.fill_(self.factor)
+        #: Whether the term adds anything (a weight of 0 skips its work). A stored bool: the compiled
+        #: hook guards on it (two values) instead of on the float it comes from.
+        self.active = self.factor != 0.0
 
     @property
     def factor(self) -> float:
-        return self.scale * self.multiplier
+        return self.scale * self._multiplier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None:

@@ -101,3 +101,39 @@ def test_the_compile_option_reaches_an_auto_started_daemon():
     assert settings.compile is True and "--compile" in settings.daemon_args()
     assert "--compile" not in Settings().daemon_args()
     assert settings_from_args(parser.parse_args(settings.daemon_args())).compile is True
+
+
+def test_a_new_lora_weight_does_not_recompile_and_matches_eager(compiled, tiny_model, tmp_path):
+    """``<lora:x:0.5>`` then ``<lora:x:0.7>``: the weight is a tensor the compiled UNet reads, not a constant
+    it guards on (a recompile costs about a minute per weight on a GPU with inductor)."""
+    from lora_files import kohya_file
+
+    from sdrepl.core.networks import lora_library, patcher_for, signature_of, wanted
+
+    model, speed = compiled
+    kohya_file(tmp_path / "w.safetensors", model.pipe, seed=1)
+    lib = lora_library([tmp_path], signature_of(model.pipe, model.family))
+    lib.scan()
+    net = lib.get("w")
+    x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    e = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(1))
+
+    def call(on):
+        with torch.no_grad():
+            return on.pipe.unet(x, torch.tensor(500.0), encoder_hidden_states=e).sample
+
+    compiled_patcher, eager_patcher = patcher_for(model.pipe), patcher_for(tiny_model.pipe)
+    try:
+        outputs = {}
+        for weight in (0.5, 0.7, 0.9, 0.6):
+            compiled_patcher.activate([wanted(lib, net, weight, weight)])
+            outputs[weight] = call(model)
+            if weight == 0.5:
+                after_first = dict(speed.graphs)
+        assert speed.graphs == after_first, "a new LoRA weight recompiled the UNet"
+        assert not torch.equal(outputs[0.5], outputs[0.9])
+        eager_patcher.activate([wanted(lib, net, 0.7, 0.7)])
+        assert torch.equal(outputs[0.7], call(tiny_model))  # compiled (eager backend) == eager, weight 0.7
+    finally:
+        compiled_patcher.clear()
+        eager_patcher.clear()
