@@ -55,10 +55,18 @@ class GenerationJob:
     hires: HiresFix | None = None
     #: The decoded init picture (``core.img2img.InitPicture``) once :func:`prepared` loaded it.
     init_picture: Any = field(default=None, compare=False, repr=False)
+    #: Each picture's seed when they are not ``seed, seed + 1, ...``: ``!grid`` runs cells that differ only
+    #: in their seed as one batch. Empty: ``n`` pictures from ``seed`` on (the ``generate`` form).
+    seeds: tuple[int, ...] = ()
 
     @property
     def options(self) -> PromptOptions:
         return PromptOptions(clip_skip=self.clip_skip, emphasis=self.emphasis, comma_window=self.comma_window)
+
+    @property
+    def picture_seeds(self) -> list[int]:
+        """The seed of each of the ``n`` pictures, in order."""
+        return list(self.seeds) if self.seeds else [self.seed + index for index in range(self.n)]
 
     @property
     def final_size(self) -> tuple[int, int]:
@@ -252,7 +260,7 @@ def start_generation(
     per_picture = job.steps_run
     total = per_picture * job.n
     writes = PendingWrites()
-    seeds = [job.seed + index for index in range(job.n)]
+    seeds = job.picture_seeds
     first = 0  # index of the current batch's first picture
     sampling = _Passes(model, job, conds, sample_batch)
 

@@ -56,3 +56,9 @@ def int_range(name: str) -> tuple[int, int]:
 def float_range(name: str) -> tuple[float, float]:
     limit = LIMITS[name]
     return float(limit.lo), float(limit.hi)
+
+
+#: ``!grid``: at most this many cells (A1111's 10x10 sweeps fit), checked before anything is generated.
+MAX_GRID_CELLS = 100
+#: ``!grid``: the composed grid picture at most this many pixels (~400 MB as RGB while it is drawn).
+MAX_GRID_PIXELS = 2**27

@@ -35,8 +35,9 @@ class OutputFolder:
                     highest = max(highest, int(match.group(1)))
         return highest + 1
 
-    def save(self, write: Callable[[Path], None], seed: int) -> Path:
-        """Write a new picture through ``write(temp_path)``; never overwrites (a taken name is skipped)."""
+    def save(self, write: Callable[[Path], None], seed: int | str) -> Path:
+        """Write a new picture through ``write(temp_path)``; never overwrites (a taken name is skipped).
+        ``seed`` ends the name: a picture's seed, or ``grid`` for a ``!grid`` picture (``00007-grid.png``)."""
         folder = self.root / datetime.date.today().isoformat()
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -39,11 +39,12 @@ def encoders_of(model: Any) -> dict[str, tuple[Any, Any]]:
     return {CLIP_L: first, CLIP_G: (pipe.tokenizer_2, second)}
 
 
-def snapshot_files(log_dir: Path, name: str) -> list[tuple[int, Path]]:
-    """``(step, path)`` of ``<log>/embeddings/<name>-<step>.safetensors|pt``, by step, at most MAX_SNAPSHOTS."""
+def snapshot_files(log_dir: Path, name: str, where: str = "inspect") -> list[tuple[int, Path]]:
+    """``(step, path)`` of ``<log>/embeddings/<name>-<step>.safetensors|pt``, by step, at most MAX_SNAPSHOTS
+    (``!grid``'s ``ckpt`` axis reads them too; ``where`` names the request in messages)."""
     folder = log_dir / "embeddings"
     if not folder.is_dir():
-        raise UsageError(f"inspect: {log_dir} is not a training log folder (it has no embeddings/ folder); "
+        raise UsageError(f"{where}: {log_dir} is not a training log folder (it has no embeddings/ folder); "
                          "give the folder !train wrote (its --log-dir)")
     pattern = re.compile(re.escape(name) + r"-(\d{1,9})\.(?:safetensors|pt)", re.IGNORECASE)
     found: dict[int, Path] = {}
@@ -53,7 +54,7 @@ def snapshot_files(log_dir: Path, name: str) -> list[tuple[int, Path]]:
             found.setdefault(int(match.group(1)), entry)
     steps = sorted(found)
     if not steps:
-        raise UsageError(f"inspect: {folder} has no snapshots of {name!r} ({name}-STEP.safetensors)")
+        raise UsageError(f"{where}: {folder} has no snapshots of {name!r} ({name}-STEP.safetensors)")
     if len(steps) > MAX_SNAPSHOTS:
         picks = {steps[round(i * (len(steps) - 1) / (MAX_SNAPSHOTS - 1))] for i in range(MAX_SNAPSHOTS)}
         steps = sorted(picks)

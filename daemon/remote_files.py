@@ -32,7 +32,7 @@ from sdrepl.daemon.uploads import folder_for
 MAX_PICTURE = (protocol.MAX_LINE - 64 * 1024) * 3 // 4
 #: Request parameters naming a path on the daemon's machine, per request type.
 DAEMON_PATHS = {"train": ("data", "log_dir", "template"), "preprocess": ("src", "dst"), "inspect": ("log",),
-                "generate": ("init",)}
+                "generate": ("init",), "grid": ("log", "init")}
 
 
 class RemotePathRefused(SdreplError):

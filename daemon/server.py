@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 HANDLER_MODULES = ("sdrepl.daemon.handlers", "sdrepl.daemon.generation", "sdrepl.daemon.training_handlers",
                    "sdrepl.daemon.networks", "sdrepl.daemon.model_handlers", "sdrepl.daemon.remote_files",
                    "sdrepl.daemon.uploads", "sdrepl.daemon.push", "sdrepl.daemon.inspect_handlers",
-                   "sdrepl.daemon.mix_handler")
+                   "sdrepl.daemon.mix_handler", "sdrepl.daemon.grid_handler")
 #: Above this many bytes waiting to be written to one client, the daemon reads no more of its lines.
 PAUSE_READING = 4 * 1024 * 1024
 #: Above this many bytes waiting to be written to one client, its events are dropped (replies never are).

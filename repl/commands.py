@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING, Any
 from sdrepl.core.display import visible
 from sdrepl.core.errors import UsageError
 from sdrepl.core.names import name_problem
-from sdrepl.repl import actions, inspect_command, mix_command, network_commands, render, view_command
+from sdrepl.repl import (
+    actions,
+    grid_command,
+    inspect_command,
+    mix_command,
+    network_commands,
+    render,
+    view_command,
+)
 from sdrepl.repl.actions import Outcome
 from sdrepl.repl.parse import (
     GenerationLine,
@@ -262,6 +270,8 @@ COMMANDS: tuple[Command, ...] = (
             inspect_command.HELP, inspect_command.parse_inspect, inspect_command.run_inspect),
     Command("mix", mix_command.USAGE, "a new embedding from others: sums, slices, concatenation",
             mix_command.HELP, mix_command.parse_mix, mix_command.run_mix),
+    Command("grid", grid_command.USAGE, "an X/Y/Z plot: a labelled grid of pictures over axis values",
+            grid_command.HELP, grid_command.parse_grid, grid_command.run_grid),
     Command("loras", "!loras", "loaded LoRAs and skipped files",
             "Lists the LoRA / LyCORIS files of the LoRA folders (name, layout, rank, base model, keys matched, "
             "file, A1111 short hash), then every file that was not loaded with the reason (made for another "

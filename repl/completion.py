@@ -28,7 +28,7 @@ from prompt_toolkit.completion import (
 from prompt_toolkit.document import Document
 
 from sdrepl.core.display import visible
-from sdrepl.repl import commands, inspect_command, parse, train_args
+from sdrepl.repl import commands, grid_command, inspect_command, parse, train_args
 
 log = logging.getLogger("sdrepl.repl")
 
@@ -83,7 +83,8 @@ def command_table() -> dict[str, CommandInfo]:
     """
     tables = {"create": commands.CREATE_OPTIONS, "convert": commands.CONVERT_OPTIONS,
               "preprocess": commands.PREPROCESS_OPTIONS, "train": train_args.TRAIN_OPTIONS,
-              "tokens": parse.GENERATION_OPTIONS, "inspect": inspect_command.OPTIONS}
+              "tokens": parse.GENERATION_OPTIONS, "inspect": inspect_command.OPTIONS,
+              "grid": grid_command.OPTIONS}
     table = {}
     for cmd in commands.COMMANDS:
         info = CommandInfo(cmd.name, cmd.summary or cmd.usage, _long_options(tables.get(cmd.name)))
@@ -104,7 +105,7 @@ def set_keys() -> tuple[str, ...]:
     return tuple(commands.SET_KEYS)
 
 
-PATH_OPTIONS = {"data": True, "log-dir": True, "template": False, "init-from": False}
+PATH_OPTIONS = {"data": True, "log-dir": True, "log": True, "template": False, "init-from": False}
 PATH_COMMANDS = {"replay": False, "fetch": False, "view": False, "preprocess": True}
 
 
@@ -334,6 +335,9 @@ class LineCompleter(Completer):
             command, option = detail
             if option == "sampler":
                 values = self.get_samplers()
+            elif command == "grid" and option in ("x", "y", "z"):
+                values = grid_command.axis_completions(fragment, [e["name"] for e in self.get_embeddings()],
+                                                       self.get_lora_names(), self.get_samplers())
             else:
                 values = option_values(option, self._options(command, commands).get(option, ""))
             for value in rank(fragment, values):

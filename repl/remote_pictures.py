@@ -30,20 +30,26 @@ async def bring_home(client: Any, result: dict[str, Any], outputs: Path) -> dict
     images = []
     folder = output_folder(outputs)
     for image in result.get("images") or []:
-        reply = await client.request("picture", path=image["path"])
-        try:
-            data = base64.b64decode(str(reply.get("data", "")), validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise PictureTransferError(f"the daemon sent picture {image['path']!r} in a broken form ({exc})") from None
-        if not data.startswith(PNG_MAGIC):
-            raise PictureTransferError(f"the daemon sent {image['path']!r} but it is not a PNG file")
-        seed = int(image.get("seed", result.get("seed", 0)))
-        try:
-            local = folder.save(lambda tmp, data=data: Path(tmp).write_bytes(data), seed)
-        except OSError as exc:
-            from sdrepl.core.atomic import write_error_text
-
-            raise PictureTransferError(f"cannot save the picture here: {write_error_text(exc, outputs / 'x')}") \
-                from None
-        images.append({**image, "path": str(local), "daemon_path": image["path"]})
+        local = await fetch_picture(client, image["path"], folder, int(image.get("seed", result.get("seed", 0))), outputs)
+        images.append({**image, "path": local, "daemon_path": image["path"]})
     return {**result, "images": images}
+
+
+async def fetch_picture(client: Any, daemon_path: str, folder: Any, label: int | str, outputs: Path) -> str:
+    """One picture of the daemon's (``daemon_path``) written into ``folder`` here as ``NNNNN-<label>.png``
+    (a seed, or ``grid`` for a ``!grid`` picture); its local path."""
+    reply = await client.request("picture", path=daemon_path)
+    try:
+        data = base64.b64decode(str(reply.get("data", "")), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise PictureTransferError(f"the daemon sent picture {daemon_path!r} in a broken form ({exc})") from None
+    if not data.startswith(PNG_MAGIC):
+        raise PictureTransferError(f"the daemon sent {daemon_path!r} but it is not a PNG file")
+    try:
+        local = folder.save(lambda tmp, data=data: Path(tmp).write_bytes(data), label)
+    except OSError as exc:
+        from sdrepl.core.atomic import write_error_text
+
+        raise PictureTransferError(f"cannot save the picture here: {write_error_text(exc, outputs / 'x')}") \
+            from None
+    return str(local)
