@@ -367,7 +367,9 @@ GENERATION_HELP = (
     "quoting is needed; write \\-- for a literal '--word' in a prompt. Embeddings are named <name> (or by "
     "their bare name). Options not given come from !set. Also accepted: --negative, --cfg-scale, --width/"
     "--height, --clip-skip, --emphasis MODE, --comma-padding-backtrack N, --seed -1 (random), and "
-    "InvokeAI's -s -S -C -W -H -A -n. \"\"\" on its own line starts a multi-line prompt, closed by \"\"\". "
+    "InvokeAI's -s -S -C -W -H -A -n. img2img: --init IMAGE --strength F (0..1, 0.75; InvokeAI's -I -f). "
+    "A1111's Hires. fix: --hires SCALE [--hires-steps N] [--hires-denoise F] [--hires-upscaler latent|lanczos]. "
+    "\"\"\" on its own line starts a multi-line prompt, closed by \"\"\". "
     "A1111's prompt language works in full: [from:to:when] editing, [a|b] alternation, AND with :weights."
 )
 

@@ -287,6 +287,8 @@ class LineCompleter(Completer):
             option = m.group(1).lower()
             if option in PATH_OPTIONS:
                 return "path", PATH_OPTIONS[option], m.group(2)
+            if option == "init" and command is None:  # img2img's picture (!create's --init is text)
+                return "path", False, m.group(2)
             return "value", (command, option), m.group(2)
         if command is None:
             return "none", None, ""

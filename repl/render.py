@@ -54,10 +54,23 @@ def generation(result: dict[str, Any], cwd: Path | None = None) -> str:
     bare = list(tokens.get("bare") or []) + list((negative or {}).get("bare") or [])
     if bare:
         facts.append("bare words as embeddings: " + ", ".join(map(visible, bare)))
+    facts += img2img_facts(result)
     lines = []
     for image in result.get("images") or []:
         lines.append(f"{display_path(str(image.get('path')), cwd)}  (seed {image.get('seed')}, {', '.join(facts)})")
     return "\n".join(lines) or "no pictures were made"
+
+
+def img2img_facts(result: dict[str, Any]) -> list[str]:
+    """``img2img 0.5 from fox.png`` / ``hires 2x latent -> 1024x1024`` for a generation's line."""
+    facts = []
+    if result.get("init") is not None:
+        facts.append(f"img2img {result.get('strength')} from {visible(Path(str(result['init'])).name)}")
+    hires = result.get("hires")
+    if isinstance(hires, dict):
+        facts.append(f"hires {hires.get('scale'):g}x {hires.get('upscaler')} -> {hires.get('width')}x"
+                     f"{hires.get('height')}")
+    return facts
 
 
 def tokens(result: dict[str, Any]) -> str:

@@ -238,3 +238,8 @@ def test_sdxl_img2img(tmp_path, init_png):
 
     half = generate(xl, replace(base, strength=0.5), tmp_path / "half", progress)
     assert progress == [(1, 2), (2, 2)] and Image.open(half["images"][0]["path"]).size == (size, size)
+    from sdrepl.core.hires import HiresFix
+
+    hires = GenerationJob("a red fox", "", 2, 7.0, 3, 32, 32, "Euler", 1, 1, hires=HiresFix(2.0, 2, 0.5, "lanczos"))
+    result = generate(xl, hires, tmp_path / "hires")
+    assert Image.open(result["images"][0]["path"]).size == (64, 64) and result["hires"]["width"] == 64

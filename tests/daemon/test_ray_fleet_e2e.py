@@ -141,6 +141,27 @@ def test_eight_concurrent_generations_on_two_replicas_match_a_local_worker(fleet
     assert results[1]["loras"] == reference[1]["loras"] != []
 
 
+def test_img2img_and_hires_on_the_replicas_match_a_local_worker(fleet: DaemonProcess, local: DaemonProcess,
+                                                                 tmp_path: Path) -> None:
+    """The daemon reads the init picture and sends it with the job: replicas need no shared folder."""
+    x = np.linspace(0, 255, 64, dtype=np.uint8)
+    Image.fromarray(np.stack([np.tile(x, (64, 1))] * 3, axis=2)).save(tmp_path / "init.png")
+    jobs = [{"init": str(tmp_path / "init.png"), "strength": 0.5, **GEN},
+            {**GEN, "width": 32, "height": 32, "hires": 2, "hires_upscaler": "lanczos"}]
+
+    async def scenario(proc: DaemonProcess) -> list[dict]:
+        async with proc.client() as client:
+            return [await client.request("generate", prompt="a cat <lora:one:0.8>", seed=7, **job) for job in jobs]
+
+    on_fleet = run(scenario(fleet), timeout=300)
+    reference = run(scenario(local), timeout=300)
+    assert all(r["worker"].startswith("ray:") for r in on_fleet)
+    for got, expected in zip(on_fleet, reference, strict=True):
+        assert np.array_equal(_pixels(got), _pixels(expected))
+        assert got.get("hires") == expected.get("hires") and got.get("strength") == expected.get("strength")
+    assert _pixels(on_fleet[1]).shape[:2] == (64, 64)
+
+
 def test_an_embedding_dropped_in_is_usable_on_the_replicas_within_a_second(fleet: DaemonProcess) -> None:
     async def scenario() -> tuple[float, list[dict]]:
         async with fleet.client() as client:

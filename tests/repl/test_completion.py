@@ -178,11 +178,18 @@ def folder(tmp_path: Path) -> Path:
     ("!replay pro", "mpts.txt", None),
     ("!train x --data pi", "cs", "mpts.txt"),
     ("!preprocess pics pic", "tures-2", "mpts.txt"),
+    ("a red fox --init pro", "mpts.txt", None),  # img2img's picture is a path
 ])
 def test_paths_after_path_arguments(folder, typed, expected, absent):
     found = texts(typed, get_cwd=lambda: str(folder))
     assert any(t.startswith(expected) for t in found)
     assert absent is None or not any(t.startswith(absent) for t in found)
+
+
+def test_img2img_options_complete(folder):
+    assert sorted(texts("a cat --hires-upscaler ")) == ["lanczos", "latent"]
+    assert "hires-denoise" in " ".join(texts("a cat --hires-d"))
+    assert texts("!create x --init pro", get_cwd=lambda: str(folder)) == []  # !create's --init is text
 
 
 def test_path_completion_runs_through_the_async_path(folder):
