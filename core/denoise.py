@@ -6,8 +6,9 @@ every sampler at fixed seeds) but owns the loop, so the rest of sdrepl can reach
 - **conditioning per step**: ``conditioning(step) -> StepCond`` is asked before every UNet call with the
   sampler step's index (A1111's prompt editing ``[a:b:0.5]`` and alternation ``[a|b]``);
 - **several positives with weights** (A1111's ``AND``, composable diffusion): the noise prediction is
-  ``uncond + sum(w_i * cfg * (cond_i - uncond))``; one positive of weight 1 is plain guidance, computed
-  with diffusers' own expression so it stays bit-identical;
+  ``uncond + sum(w_i * cfg * (cond_i - uncond))`` at every cfg, as A1111's (a plain prompt at cfg <= 1
+  skips the negative, as diffusers does); one positive of weight 1 is plain guidance, computed with
+  diffusers' own expression so it stays bit-identical;
 - **extra UNet inputs per conditioning** (SDXL's ``added_cond_kwargs``: ``text_embeds``, ``time_ids``),
   batched in the same order as the prompt embeddings;
 - **initial latents and a start step** (img2img: the clean latents are noised to the start step);
@@ -142,12 +143,14 @@ def default_unet_batch(device: torch.device, pictures: int) -> int:
 
 
 def guided(step: StepCond, preds: list[torch.Tensor], cfg: float, use_cfg: bool) -> torch.Tensor:
-    """Combine the predictions (``preds[0]`` the negative's when ``use_cfg``, then one per positive)."""
+    """Combine the predictions (``preds[0]`` the negative's when ``use_cfg``, then one per positive).
+
+    Without guidance (``cfg <= 1``, diffusers skips the negative) a plain prompt's prediction is used as
+    it is; a step with several weighted positives (``AND``) always has the negative's prediction too,
+    since A1111 combines ``uncond + cfg * sum(w_i * (cond_i - uncond))`` at every cfg."""
     if not use_cfg:
-        if step.plain:
-            return preds[0]
-        total = sum(w for _, w in step.positives)
-        return sum(p * (w / total) for p, (_, w) in zip(preds, step.positives, strict=True))
+        assert step.plain, "an AND step always runs with the negative"
+        return preds[0]
     uncond, *conds = preds
     if step.plain:
         return uncond + cfg * (conds[0] - uncond)  # diffusers' expression, for bit-identical pictures
@@ -255,11 +258,11 @@ def denoise(
         with noise.feeding(scheduler):
             for i, t in enumerate(timesteps):
                 step = conditioning(min(done, steps - 1))
+                with_negative = use_cfg or not step.plain  # AND: A1111's formula at every cfg
                 conds = [c for c, _ in step.positives]
-                if use_cfg or not step.plain:
-                    conds = [step.negative, *conds] if use_cfg else conds
+                conds = [step.negative, *conds] if with_negative else conds
                 preds = _predict(unet, latents, t, conds, scheduler, kwargs, per_call)
-                noise_pred = guided(step, preds, cfg, use_cfg)
+                noise_pred = guided(step, preds, cfg, with_negative)
                 latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 if i == len(timesteps) - 1 or ((i + 1) > warmup and (i + 1) % order == 0):
                     done += 1

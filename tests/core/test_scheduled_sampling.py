@@ -65,8 +65,10 @@ def test_alternation_on_a_second_order_sampler_keeps_one_text_per_step(tiny_mode
     assert used == ["cow", "cow", "cow", "cow", "horse"]  # Heun: 2 calls a step; steps 0, 1 cow, step 2 horse
 
 
-def test_and_combines_the_noise_predictions_as_a1111(tiny_model, recorded, monkeypatch):
-    cfg = 6.0
+@pytest.mark.parametrize("cfg", [6.0, 1.0, 0.5])
+def test_and_combines_the_noise_predictions_as_a1111(tiny_model, recorded, monkeypatch, cfg):
+    """A1111's ``uncond + cfg * sum(w_i * (cond_i - uncond))`` at every cfg: at cfg <= 1 too (where a plain
+    prompt skips the negative, as diffusers does), the parts are not simply averaged."""
     cond = encode_scheduled(tiny_model, "a red cube AND a blue sphere:0.6 AND grass:-0.3", "blurry", LOOKUP, steps=2)
     given: list[torch.Tensor] = []
     scheduler_type = type(make_scheduler("Euler", tiny_model.pipe.scheduler.config))
