@@ -166,7 +166,7 @@ def render_grid(result: dict[str, Any], cwd: Path | None = None) -> str:
     elapsed = result.get("total_s")
     if isinstance(elapsed, (int, float)):
         facts.append(f"{elapsed:.1f} s")
-    return (f"grid {shape} ({len(cells)} cells, {result.get('batches', '?')} batch"
+    return (f"grid {shape} ({len(cells)} cell{'s' if len(cells) != 1 else ''}, {result.get('batches', '?')} batch"
             f"{'es' if result.get('batches') != 1 else ''}): {render.display_path(str(grid.get('path')), cwd)}  "
             f"({', '.join(facts)})")
 

@@ -132,3 +132,38 @@ def test_img2img_and_hires_options_reach_every_cell(daemon, tmp_path):
             assert all(pixels(cell["path"]).shape[:2] == (64, 64) for cell in hires["cells"])
 
     run(scenario())
+
+
+def test_a_lora_weight_axis_equals_the_tagged_prompts(daemon):
+    import asyncio
+    import time
+
+    import numpy as np
+    from lora_files import kohya_file
+    from PIL import Image
+
+    from sdrepl.core.pnginfo import read_png_parameters
+    from sdrepl.core.tiny import build_tiny
+
+    kohya_file(daemon.root / "loras" / "gridlora.safetensors", build_tiny("tiny"), seed=4)
+
+    def pixels(path: str) -> np.ndarray:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+
+    async def scenario() -> None:
+        async with daemon.client() as c:
+            deadline = time.monotonic() + 30
+            while not any(n["name"] == "gridlora" for n in (await c.request("loras"))["loras"]):
+                assert time.monotonic() < deadline, "the watcher did not load the LoRA"
+                await asyncio.sleep(0.1)
+            grid = await c.request("grid", prompt="a cat", x="lora=gridlora:0,1.5", **TINY)
+            assert [cell["x"] for cell in grid["cells"]] == ["0", "1.5"]
+            for cell, weight in zip(grid["cells"], ("0", "1.5"), strict=True):
+                alone = await c.request("generate", prompt=f"a cat <lora:gridlora:{weight}>", **TINY)
+                path = alone["images"][0]["path"]
+                assert np.array_equal(pixels(cell["path"]), pixels(path))
+                assert read_png_parameters(cell["path"]) == read_png_parameters(path)
+            assert not np.array_equal(pixels(grid["cells"][0]["path"]), pixels(grid["cells"][1]["path"]))
+
+    run(scenario())
