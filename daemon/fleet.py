@@ -84,12 +84,11 @@ class RayFleet:
         self._refs: dict[str, Any] = {}  # LoRA network key -> object ref of its deltas (insertion order)
         self._lock = threading.Lock()
         self.served: dict[str, int] = {}  # replica label -> generations it made
-        #: The daemon's model when the replicas were deployed (they load the same ``--model``).
+        #: The model the replicas were last deployed with (``--model``, then each ``!model``).
         self.start_model_name: str | None = None
 
     def start(self) -> None:
         import ray
-        from ray import serve
 
         started = time.monotonic()
         try:
@@ -103,6 +102,16 @@ class RayFleet:
                              "node's address (host:6379, or ray://host:10001), or auto for a local Ray") from None
         self.gpus = float(ray.cluster_resources().get("GPU", 0))
         self.device = "cuda" if self.gpus else "cpu"
+        self._deploy(self.settings.model)
+        log.info("ray fleet: %s replica(s) of %s ready on %s (%s) in %.1f s", self.describe_replicas(),
+                 self.settings.model, "a local Ray" if self.owns_ray else self.address, self.device,
+                 time.monotonic() - started)
+
+    def _deploy(self, spec: str) -> None:
+        """Deploy (or update in place) the application with replicas of model ``spec``; returns when
+        Serve reports every replica of this version running."""
+        from ray import serve
+
         options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if self.gpus else {"num_cpus": 1}
         scale: dict[str, Any] = ({"num_replicas": self.replicas.minimum} if self.replicas.fixed else
                                  {"autoscaling_config": {"min_replicas": self.replicas.minimum,
@@ -111,11 +120,24 @@ class RayFleet:
         deployment = serve.deployment(GenerationReplica, name="generation", max_ongoing_requests=1,
                                       ray_actor_options=options, **scale)
         s = self.settings
-        app = deployment.bind(s.model, self.device, s.dtype, s.prediction_type, s.compile)
+        app = deployment.bind(spec, self.device, s.dtype, s.prediction_type, s.compile)
         self.handle = serve.run(app, name=APP_NAME, route_prefix=None)
-        log.info("ray fleet: %s replica(s) of %s ready on %s (%s) in %.1f s", self.describe_replicas(),
-                 s.model, "a local Ray" if self.owns_ray else self.address, self.device,
-                 time.monotonic() - started)
+
+    def switch(self, spec: str, name: str) -> None:
+        """``!model``: replace the replicas with ones holding ``spec`` (the daemon's model ``name`` now).
+        Blocking (Serve rolls the replicas over; call in a thread). If the new replicas cannot start, the
+        fleet keeps its old model name and generations are refused with a clear error (:meth:`run`)."""
+        started = time.monotonic()
+        try:
+            self._deploy(spec)
+        except Exception as exc:
+            raise ModelError(f"model: the daemon switched to {name}, but the Ray replicas could not load it "
+                             f"({type(exc).__name__}: {exc}); generations are refused until a model the "
+                             "replicas can load is chosen (!model) or the daemon restarts") from None
+        with self._lock:
+            self._refs.clear()  # LoRA deltas are per model
+        self.start_model_name = name
+        log.info("ray fleet: replicas switched to %s in %.1f s", spec, time.monotonic() - started)
 
     def lookup(self, library: Any) -> SnapshotLookup:
         """A lookup over ``library`` that remembers what the prompt's checks read (sent to the replica)."""
@@ -168,6 +190,11 @@ class RayFleet:
                 future.cancel()
                 raise Cancelled("generate: cancelled on the Ray replica")
         result = future.result()
+        held = result.pop("model", None)
+        if self.start_model_name is not None and held is not None and held != self.start_model_name:
+            # a replica of the old version answered while Serve rolled the fleet over (!model)
+            raise ModelError(f"generate: a Ray replica still held {held} while the fleet switched to "
+                             f"{self.start_model_name}; run the line again")
         label = result.pop("replica")
         self.served[label] = self.served.get(label, 0) + 1
         return _Written(outputs, result), label

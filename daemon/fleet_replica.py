@@ -162,5 +162,6 @@ class GenerationReplica:
         result.pop("images", None)
         result["pictures"] = outputs.pictures
         result["replica"] = self.label
+        result["model"] = self.model.name  # the daemon checks it (a replica of an older version, mid-switch)
         result["fetched_loras"] = networks.fetched if networks is not None else 0
         return result

@@ -5,7 +5,7 @@ One model per daemon stays the rule; this changes which. The new model is valida
 library is re-checked against its text encoders (an SD 2.x model skips the SD 1.x embeddings, and back),
 and every client is told through ``model`` and ``embeddings`` events. Refused while a training job runs
 on the current model. With ``--device a,b`` the further devices load the new model too
-(``daemon/workers.py``); a Ray fleet's replicas keep theirs (``daemon/fleet.py`` refuses generations then).
+(``daemon/workers.py``), and a Ray fleet's replicas are replaced by ones holding it (``daemon/fleet.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ async def switch_model(ctx: DaemonContext, params: dict, req: Request) -> dict:
     model = await ctx.residency.switch(spec, by=f"client {client}")
     if ctx.pool is not None:  # --device a,b: the further devices load it too, each after its current job
         ctx.pool.switched(ctx.residency.settings.model)
+    if ctx.fleet is not None:  # serve --ray: Serve rolls the replicas over to the new model
+        await asyncio.to_thread(ctx.fleet.switch, ctx.residency.settings.model, model.name)
     change = ctx.library.set_encoder_widths(model.encoder_widths, model.label)
     ctx.apply_library_change(change)
     from sdrepl.daemon.networks import model_switched

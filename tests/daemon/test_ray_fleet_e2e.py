@@ -195,6 +195,34 @@ def test_replica_ranges() -> None:
             parse_replicas(bad)
 
 
+def test_model_switch_replaces_the_replicas(fleet: DaemonProcess, local: DaemonProcess) -> None:
+    """!model on a fleet: Serve rolls both replicas over to the new model; their pictures are the new
+    model's (the local daemon switched the same way makes the same pixels). Just before the stop test."""
+    async def scenario() -> tuple[list[dict], dict]:
+        async with fleet.client() as client:
+            await client.request("model", model="tiny-sd2")
+            results = list(await asyncio.gather(*[client.request("generate", prompt="a blue boat", seed=3 + i,
+                                                                 **GEN) for i in range(4)]))
+        async with local.client() as client:
+            await client.request("model", model="tiny-sd2")
+            reference = await client.request("generate", prompt="a blue boat", seed=3, **GEN)
+        return results, reference
+
+    results, reference = run(scenario(), timeout=300)
+    assert all(r["worker"].startswith("ray:") for r in results)
+    for result in results:
+        assert "Model: tiny-sd2" in read_png_parameters(result["images"][0]["path"])
+    assert np.array_equal(_pixels(results[0]), _pixels(reference))
+    assert fleet.proc is not None
+    deadline = time.monotonic() + 60  # the old version's replicas finish stopping
+    while time.monotonic() < deadline:
+        replicas = [pid for pid, cmd in _children(fleet.proc.pid).items() if "ServeReplica" in cmd]
+        if len(replicas) == 2:
+            break
+        time.sleep(0.2)
+    assert len(replicas) == 2, replicas
+
+
 def test_stopping_the_daemon_shuts_the_deployment_down(fleet: DaemonProcess, local: DaemonProcess) -> None:
     """Last in the module: the daemon's own Ray (replicas, controller, raylet) is gone once it stopped."""
     assert fleet.proc is not None
