@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -134,12 +134,48 @@ def grid_parameters(first_cell: str, axes: Sequence[Axis | None]) -> str:
             continue
         kind = AXIS_TYPES[axis.kind] + (f" {axis.name}" if axis.name else "")
         fields.append(f"{letter} Type: {quote(kind)}")
-        fields.append(f"{letter} Values: {quote(', '.join(v.typed for v in axis.values))}")
+        fields.append(f"{letter} Values: {quote(values_text(v.typed for v in axis.values))}")
         if axis.kind == "seed":
             fields.append(f"Fixed {letter} Values: {quote(', '.join(str(v.value) for v in axis.values))}")
     lines = first_cell.split("\n")
     lines[-1] = ", ".join([lines[-1], *fields]) if lines[-1] else ", ".join(fields)
     return "\n".join(lines)
+
+
+def values_text(values: Iterable[str]) -> str:
+    """Values joined as an axis takes them back (``core.grid.split_values``): CSV-quoted where needed."""
+    out = []
+    for value in values:
+        out.append('"' + value.replace('"', '""') + '"' if any(c in value for c in ',"') else value)
+    return ", ".join(out)
+
+
+#: ``X Type`` (as :func:`grid_parameters` and A1111 write it) -> axis kind.
+_KIND_OF_TYPE = {label.lower(): kind for kind, label in AXIS_TYPES.items()}
+
+
+def axes_from_parameters(extra: dict[str, Any]) -> dict[str, str] | None:
+    """The ``--x/--y/--z`` specs of a grid picture's parameters (``Script: X/Y/Z plot``), or None when the
+    picture is no grid or names an axis sdrepl does not sweep. Seeds come back as the ones used."""
+    if str(extra.get("Script", "")).strip() != "X/Y/Z plot":
+        return None
+    specs: dict[str, str] = {}
+    for letter in "XYZ":
+        kind_text = str(extra.get(f"{letter} Type", "")).strip()
+        if not kind_text or kind_text.lower() == "nothing":
+            continue
+        values = str(extra.get(f"Fixed {letter} Values") or extra.get(f"{letter} Values") or "").strip()
+        kind = _KIND_OF_TYPE.get(kind_text.lower())
+        name = None
+        if kind is None:
+            head, _, name = kind_text.rpartition(" ")
+            kind = _KIND_OF_TYPE.get(head.lower())
+            if kind not in ("ckpt", "lora") or not name:
+                return None
+        if not values:
+            return None
+        specs[letter.lower()] = f"{kind}={name}:{values}" if name else f"{kind}={values}"
+    return specs or None
 
 
 class OverlayLookup:

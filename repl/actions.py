@@ -473,6 +473,9 @@ async def run_fetch(session: Session, path: str, started: Started) -> Outcome:
     parsed = parse_parameters(text)
     line = fetch_line(parsed)
     unsupported = unsupported_fields(parsed)
+    from sdrepl.repl.grid_command import fetched_grid
+
+    line, unsupported = fetched_grid(parsed, line, unsupported)  # a grid picture: its !grid line
     shown = "\n".join([line, unsupported_notice(unsupported)]) if unsupported else line
     return Outcome({"command": line, "unsupported": unsupported}, shown, edit_buffer=line)
 

@@ -329,8 +329,9 @@ COMMANDS: tuple[Command, ...] = (
             parse_push, actions.run_push),
     Command("fetch", "!fetch IMAGE.png", "the command that made a picture",
             "Reads the A1111 parameters text of a picture (sdrepl's or AUTOMATIC1111's) and rebuilds the "
-            "generation line that makes it again: prompt, --neg, --steps, --cfg, --seed, --size, --sampler. "
-            "Interactive: the line goes into the edit buffer to change and run. Scripted: it is printed.",
+            "generation line that makes it again: prompt, --neg, --steps, --cfg, --seed, --size, --sampler "
+            "(a !grid picture: the !grid line with its axes). Interactive: the line goes into the edit buffer "
+            "to change and run. Scripted: it is printed.",
             parse_fetch, actions.run_fetch),
     Command("view", view_command.USAGE, "show a picture in the terminal", view_command.HELP,
             view_command.parse_view, view_command.run_view),

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from sdrepl.core.display import visible
 from sdrepl.core.errors import UsageError
 from sdrepl.core.grid import AXIS_NAMES, parse_axes, split_values
-from sdrepl.core.grid_cells import check_search
+from sdrepl.core.grid_cells import axes_from_parameters, check_search
 from sdrepl.repl import render
 from sdrepl.repl.actions import Outcome, Started, generation_params
 from sdrepl.repl.parse import (
@@ -184,3 +184,18 @@ def axis_completions(fragment: str, embeddings: list[str], loras: list[str], sam
         done = {v.lower() for v in split_values(head)}
         return [f"{kind}={head}{name}" for name in samplers if name.lower() not in done]
     return []
+
+
+#: The fields of a grid picture's parameters that ``!fetch`` turns back into axes.
+GRID_FIELDS = ("Script", *(f"{pre}{letter} {what}" for letter in "XYZ" for pre, what in
+                           (("", "Type"), ("", "Values"), ("Fixed ", "Values"))))
+
+
+def fetched_grid(parsed: dict[str, Any], line: str, unsupported: list[str]) -> tuple[str, list[str]]:
+    """``!fetch`` of a grid picture: the ``!grid`` line that makes the grid again (the first cell's line
+    with the axes of its ``X Type``/``X Values``...), else the line and notes as they were."""
+    specs = axes_from_parameters(parsed.get("extra") or {})
+    if specs is None:
+        return line, unsupported
+    axes = " ".join(f"--{letter} {spec}" for letter, spec in specs.items())
+    return f"!grid {line} {axes}", [name for name in unsupported if name not in GRID_FIELDS]

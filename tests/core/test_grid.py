@@ -242,3 +242,21 @@ def test_split_values_reads_csv_like_a1111():
 def test_axis_key_tells_repeats_apart():
     assert Axis("sr", (AxisValue("cat", "cat"),)).key != Axis("sr", (AxisValue("dog", "dog"),)).key
     assert parse_axis("lora=A:1").key == parse_axis("lora=a:0").key
+
+
+def test_a_grids_parameters_give_its_axes_back():
+    from sdrepl.core.grid_cells import axes_from_parameters
+    from sdrepl.core.pnginfo import parse_parameters
+
+    axes = [parse_axis('sr=cat,"red, fox"'), fix_random_seeds([parse_axis("seed=-1,4")], random.Random(1))[0],
+            with_snapshots(parse_axis("ckpt=cat"), [10, 20], "--z")]
+    text = grid_parameters("a cat\nSteps: 2, Sampler: Euler a, CFG scale: 3, Seed: 5, Size: 64x64", axes)
+    specs = axes_from_parameters(parse_parameters(text)["extra"])
+    drawn = axes[1].values[0].value
+    assert specs == {"x": 'sr=cat, "red, fox"', "y": f"seed={drawn}, 4", "z": "ckpt=cat:10, 20"}
+    again = parse_axes(specs["x"], specs["y"], specs["z"])
+    assert [v.value for v in again[0].values] == ["cat", "red, fox"] and again[1].values[0].value == drawn
+    lora = grid_parameters("p\nSteps: 2", [parse_axis("lora=style:0,0.5"), parse_axis("cfg=3,7"), None])
+    assert axes_from_parameters(parse_parameters(lora)["extra"]) == {"x": "lora=style:0, 0.5", "y": "cfg=3, 7"}
+    assert axes_from_parameters({"Steps": 2}) is None
+    assert axes_from_parameters({"Script": "X/Y/Z plot", "X Type": "Hires upscaler", "X Values": "a"}) is None

@@ -132,3 +132,21 @@ def test_completion_offers_axes_names_and_samplers():
     assert "sampler=Euler a,DDIM" in texts("!grid a cat --x sampler=Euler a,DD")
     assert "sampler=Euler a,Euler a" not in texts("!grid a cat --x sampler=Euler a,")
     assert {"x", "y", "z", "log", "steps"} <= set(texts("!grid a cat --"))
+
+
+def test_fetch_of_a_grid_picture_gives_the_grid_line_back(fake, tmp_path):
+    from sdrepl.core.grid import parse_axis
+    from sdrepl.core.grid_cells import grid_parameters
+    from sdrepl.core.pnginfo import png_text_chunks
+
+    first = "a <cat> photo\nSteps: 2, Sampler: Euler a, CFG scale: 3, Seed: 5, Size: 64x64, Model: tiny"
+    axes = [parse_axis("ckpt=cat:100,200"), parse_axis("cfg=3,7"), None]
+    path = tmp_path / "00007-grid.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=png_text_chunks(grid_parameters(first, axes)))
+    result = run_line(fake, f"!fetch {path}", tmp_path)
+    assert result.ok, result.error
+    line = result.result["command"]
+    assert line.startswith("!grid a <cat> photo --steps 2 --cfg 3 --seed 5 --size 64x64")
+    assert line.endswith("--x ckpt=cat:100, 200 --y cfg=3, 7") and result.result["unsupported"] == []
+    parsed = parse_grid(line[len("!grid "):])
+    assert parsed["x"] == "ckpt=cat:100, 200" and parsed["line"].prompt == "a <cat> photo"
