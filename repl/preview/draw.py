@@ -3,8 +3,8 @@
 The interactive REPL calls :func:`pictures_of` on every result and :func:`picture_text` for what it
 returns, then writes that text above the prompt (``InteractiveRepl.show_pictures``). Scripted sessions
 never come here. The pictures of a line: what its executor attached (``!view``, ``!train plot``), else a
-grid's picture (``result["grid"]["path"]``), else a generation's files (``result["images"]``), several
-put side by side as one thumbnail.
+grid's picture (``result["grid"]["path"]``, as large as the terminal allows: it is for comparing), else
+a generation's files (``result["images"]``), several put side by side as one thumbnail.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def pictures_of(result: Any) -> tuple[Shown, ...]:
     data = getattr(result, "result", None) or {}
     grid = data.get("grid")
     if isinstance(grid, dict) and grid.get("path"):
-        return (Shown(Path(str(grid["path"]))),)
+        return (Shown(Path(str(grid["path"])), large=True),)  # a grid is for comparing: as large as fits
     if getattr(result, "kind", "") == "generate":
         return tuple(Shown(Path(str(i["path"]))) for i in data.get("images") or [] if isinstance(i, dict)
                      and i.get("path"))[:MAX_SHEET]

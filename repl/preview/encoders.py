@@ -98,15 +98,15 @@ def sixel(image: PILImage.Image, colours: int = SIXEL_COLOURS) -> str:
     for i in used:
         r, g, b = (int(round(c * 100 / 255)) for c in palette[i])
         parts.append(f"#{i};2;{r};{g};{b}")
-    weights = (1 << np.arange(6, dtype=np.uint8))[:, None]
+    columns = np.arange(width)
     for top in range(0, height, 6):
-        band = index[top:top + 6].astype(np.int16)
-        if band.shape[0] < 6:  # the last band of a picture whose height is not a multiple of six
-            band = np.vstack([band, np.full((6 - band.shape[0], width), -1, dtype=np.int16)])
+        band = index[top:top + 6]
+        bits = np.zeros((256, width), dtype=np.uint8)  # per colour, per column: which of the six rows
+        for row in range(band.shape[0]):
+            bits[band[row], columns] |= np.uint8(1 << row)
         runs = []
-        for i in np.unique(band[band >= 0]):
-            bits = ((band == i) * weights).sum(axis=0).astype(np.uint8)
-            text = (bits + 63).tobytes().decode("ascii").rstrip("?")
+        for i in np.flatnonzero(bits.any(axis=1)):
+            text = (bits[i] + 63).tobytes().decode("ascii").rstrip("?")
             runs.append(f"#{i}{_rle(text)}")
         parts.append("$".join(runs) + "-")
     parts.append(ST)

@@ -167,7 +167,7 @@ def test_pictures_of_a_result():
     gen = line(result={"images": [{"path": "/o/1.png"}, {"path": "/o/2.png"}]})
     assert [s.source for s in pictures_of(gen)] == [Path("/o/1.png"), Path("/o/2.png")]
     grid = line(kind="grid", result={"grid": {"path": "/o/g.png"}, "cells": [{"path": "/o/c.png"}]})
-    assert [s.source for s in pictures_of(grid)] == [Path("/o/g.png")]
+    assert [(s.source, s.large) for s in pictures_of(grid)] == [(Path("/o/g.png"), True)]
     assert pictures_of(line(ok=False, result={"images": [{"path": "/o/1.png"}]})) == ()
     assert pictures_of(line(kind="embeddings", result={"embeddings": []})) == ()
     attached = (Shown(b"x", large=True),)
