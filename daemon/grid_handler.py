@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,37 @@ async def _run_group(ctx: DaemonContext, model: Any, group: Group, folder: Outpu
         raise
 
 
+async def _run_groups(ctx: DaemonContext, model: Any, groups: list[Group], folder: OutputFolder, req: Request,
+                      total: int, cells: int) -> list[tuple[Any, Any]]:
+    """Every batch on the device(s): one after the other on one device (another client's request can run
+    between two batches), all at once over a pool of devices or a Ray fleet (each takes a free one).
+    Progress is the sum of the steps done over all batches. Returns ``(pending result, worker)`` per batch."""
+    done: dict[int, int] = {}
+    lock = threading.Lock()
+
+    async def one(index: int, group: Group, first: int) -> Any:
+        def progress(step: int, _total: int, image: int) -> None:
+            with lock:  # sent under the lock too, so the steps reported never go back
+                done[index] = step
+                req.send_event("progress", request=req.id, step=sum(done.values()), total=total, image=first + image,
+                               images=cells)
+
+        if req.cancel_event.is_set():
+            raise Cancelled(f"grid: cancelled after {first} of {cells} cells")
+        return await _run_group(ctx, model, group, folder, req, progress)
+
+    firsts = [sum(len(g.cells) for g in groups[:i]) for i in range(len(groups))]
+    if ctx.pool is None and ctx.fleet is None:
+        return [await one(i, group, firsts[i]) for i, group in enumerate(groups)]
+    tasks = [asyncio.ensure_future(one(i, group, firsts[i])) for i, group in enumerate(groups)]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        req.cancel_event.set()  # the grid has failed: its other batches stop too
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 def _text_param(params: dict[str, Any], name: str) -> str | None:
     value = params.pop(name, None)
     if value is not None and (not isinstance(value, str) or "\x00" in value):
@@ -263,21 +295,9 @@ async def _run_grid(ctx: DaemonContext, req: Request, base: dict[str, Any], axes
         ahead = ctx.worker.ahead if ctx.pool is None else ctx.pool.ahead
         if ahead:
             req.send_event("progress", request=req.id, step=0, total=total, image=0, images=len(cells), queued=ahead)
-        pending: list[tuple[Group, Any]] = []
-        done_steps = 0
-        done_cells = 0
-        for group in groups:
-            def progress(step: int, _total: int, image: int, before: int = done_steps, first: int = done_cells) -> None:
-                req.send_event("progress", request=req.id, step=before + step, total=total, image=first + image,
-                               images=len(cells))
-
-            if req.cancel_event.is_set():
-                raise Cancelled(f"grid: cancelled after {done_cells} of {len(cells)} cells")
-            result, _worker = await _run_group(ctx, model, group, folder, req, progress)
-            pending.append((group, result))
-            done_steps += _steps_of(group.batch_job())
-            done_cells += len(group.cells)
-        results = [(group, await asyncio.to_thread(result.wait)) for group, result in pending]
+        ran = await _run_groups(ctx, model, groups, folder, req, total, len(cells))
+        results = [(group, await asyncio.to_thread(result.wait)) for group, (result, _) in zip(groups, ran, strict=True)]
+    workers = sorted({w if isinstance(w, str) else w.label for _, w in ran if w is not None})
     rows: dict[int, dict[str, Any]] = {}
     tokens = None
     for group, result in results:
@@ -292,4 +312,5 @@ async def _run_grid(ctx: DaemonContext, req: Request, base: dict[str, Any], axes
                  for letter, a in zip("xyz", axes, strict=True) if a is not None]
     return {"grid": picture, "cells": [{k: r[k] for k in ("path", "seed", "x", "y", "z")} for r in ordered],
             "axes": described, "batches": len(groups), "tokens": tokens, "seed": base["seed"],
-            "random_seed": random_seed, "total_s": round(time.monotonic() - received, 4)}
+            "random_seed": random_seed, "total_s": round(time.monotonic() - received, 4),
+            **({"workers": workers} if workers else {})}

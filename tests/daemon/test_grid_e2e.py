@@ -167,3 +167,38 @@ def test_a_lora_weight_axis_equals_the_tagged_prompts(daemon):
             assert not np.array_equal(pixels(grid["cells"][0]["path"]), pixels(grid["cells"][1]["path"]))
 
     run(scenario())
+
+
+def test_batches_share_out_over_several_devices():
+    """``--device cpu,cpu``: the grid's batches run on both workers at once; progress still adds up."""
+    import shutil
+
+    import numpy as np
+    from daemon_testing import make_daemon, short_dir
+    from PIL import Image
+
+    root = short_dir()
+    proc = make_daemon(root, extra_args=["--device", "cpu,cpu"])
+
+    def pixels(path: str) -> np.ndarray:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+
+    async def scenario() -> None:
+        async with proc.client() as c:
+            events = EventLog(c)
+            rid, future = c.start("grid", prompt="a cat", x="cfg=2,3,4,5", steps=4, width=32, height=32, seed=9)
+            result = await future
+            assert result["workers"] == ["0:cpu", "1:cpu"] and result["batches"] == 4
+            progress = [e for e in events.events if e["event"] == "progress" and e["request"] == rid]
+            assert progress[-1]["step"] == progress[-1]["total"] == 16
+            assert max(e["step"] for e in progress) == 16
+            alone = await c.request("generate", prompt="a cat", cfg=4.0, steps=4, width=32, height=32, seed=9)
+            assert np.array_equal(pixels(result["cells"][2]["path"]), pixels(alone["images"][0]["path"]))
+
+    try:
+        proc.start()
+        run(scenario(), timeout=300)
+    finally:
+        proc.stop()
+        shutil.rmtree(root, ignore_errors=True)
