@@ -6,10 +6,11 @@ nothing here touches the terminal: every encoder returns a string for the caller
 prompt. Each result leaves the terminal as it found it: no reply asked for (kitty ``q=2``), colours reset
 at the end of every half-block line.
 
-- kitty (``https://sw.kovidgoyal.net/kitty/graphics-protocol/``): ``ESC _G a=T,f=100,c=C,r=R,q=2,m=1;
-  <base64 PNG, 4096 bytes> ESC \\``, then ``ESC _G m=1;<4096> ESC \\`` ... the last chunk with ``m=0``.
-- iTerm2 (``https://iterm2.com/documentation-images.html``): ``ESC ]1337;File=inline=1;size=N;width=C;
-  height=R;preserveAspectRatio=1:<base64 file> BEL``.
+- kitty (``https://sw.kovidgoyal.net/kitty/graphics-protocol/``): ``ESC _G a=T,f=100,q=2,m=1;<base64
+  PNG, 4096 bytes> ESC \\``, then ``ESC _G m=1;<4096> ESC \\`` ... the last chunk with ``m=0`` (``c=C,r=R``
+  scale it into a cell box when given).
+- iTerm2 (``https://iterm2.com/documentation-images.html``): ``ESC ]1337;File=inline=1;size=N;width=W;
+  height=H;preserveAspectRatio=1:<base64 file> BEL``.
 - sixel (DEC VT330/340): ``ESC P q "1;1;W;H #i;2;r;g;b ... <bands> ESC \\``: a palette in percent, then
   bands of six pixel rows, one ``#i`` run per colour separated by ``$`` (back to the band's start), ``-``
   to the next band, ``!n`` repeating a character.
@@ -46,27 +47,30 @@ def png_bytes(image: PILImage.Image) -> bytes:
     return out.getvalue()
 
 
-def kitty(png: bytes, cols: int, rows: int) -> str:
-    """Kitty graphics protocol: transmit and display the PNG in a ``cols`` x ``rows`` cell box, no reply."""
+def kitty(png: bytes, cols: int | None = None, rows: int | None = None) -> str:
+    """Kitty graphics protocol: transmit and display the PNG, no reply asked for; at its own pixel size, or
+    scaled into a ``cols`` x ``rows`` cell box when given."""
     return "".join(kitty_parts(png, cols, rows))
 
 
-def kitty_parts(png: bytes, cols: int, rows: int) -> list[str]:
+def kitty_parts(png: bytes, cols: int | None = None, rows: int | None = None) -> list[str]:
     """:func:`kitty`'s escapes one by one (tmux passthrough wraps each on its own)."""
     data = base64.standard_b64encode(png).decode("ascii")
     chunks = [data[i:i + KITTY_CHUNK] for i in range(0, len(data), KITTY_CHUNK)] or [""]
     out = []
     for i, chunk in enumerate(chunks):
         more = 1 if i < len(chunks) - 1 else 0
-        keys = f"a=T,f=100,c={cols},r={rows},q=2,m={more}" if i == 0 else f"m={more}"
+        box = "".join(f"{k}={v}," for k, v in (("c", cols), ("r", rows)) if v is not None)
+        keys = f"a=T,f=100,{box}q=2,m={more}" if i == 0 else f"m={more}"
         out.append(f"{ESC}_G{keys};{chunk}{ST}")
     return out
 
 
-def iterm(png: bytes, cols: int, rows: int) -> str:
-    """iTerm2 inline image (OSC 1337, also WezTerm, mintty, Konsole): the PNG in a ``cols`` x ``rows`` box."""
+def iterm(png: bytes, width: str = "auto", height: str = "auto") -> str:
+    """iTerm2 inline image (OSC 1337, also WezTerm, mintty): the PNG in a ``width`` x ``height`` box, each
+    ``N`` (cells), ``Npx``, ``N%`` or ``auto`` (the picture's own size), as iTerm2 documents."""
     data = base64.standard_b64encode(png).decode("ascii")
-    return (f"{ESC}]1337;File=inline=1;size={len(png)};width={cols};height={rows};preserveAspectRatio=1:"
+    return (f"{ESC}]1337;File=inline=1;size={len(png)};width={width};height={height};preserveAspectRatio=1:"
             f"{data}\a")
 
 

@@ -2,8 +2,9 @@
 
 Sizing is in cells: a thumbnail (a generation's picture) takes at most half the screen's height, a large
 picture (``!view``, ``!train plot``) the screen less the lines the prompt, toolbar and result need; the
-aspect ratio is kept with the cell's pixel size (from ``TIOCGWINSZ`` where the terminal fills it in, else
-10x20), and a picture is never enlarged past its own pixels, except by half-blocks (two pixels a cell).
+cell's pixel size (from ``TIOCGWINSZ`` where the terminal fills it in, else 10x20) says how many pixels
+fit; kitty, iTerm2 and sixel pictures are sent at that pixel size and shown pixel for pixel (aspect kept
+whatever the real cell size), half-blocks take two pixels a cell. A picture is never enlarged.
 """
 
 from __future__ import annotations
@@ -55,6 +56,16 @@ def fit(width: int, height: int, max_cols: int, max_rows: int, cell: tuple[int, 
     return max(1, round(native_cols * scale)), max(1, round(native_rows * scale))
 
 
+def pixel_size(width: int, height: int, max_cols: int, max_rows: int, cell: tuple[int, int]) -> tuple[int, int]:
+    """The pixels a picture is shown at: its own, or scaled down (aspect kept) to fit the cell box.
+
+    The kitty, iTerm2 and sixel pictures are sent at exactly this size and shown pixel for pixel, so the
+    aspect ratio never depends on the cell size being known exactly.
+    """
+    scale = min(1.0, max_cols * cell[0] / width, max_rows * cell[1] / height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def _resized(image: PILImage.Image, size: tuple[int, int]) -> PILImage.Image:
     from PIL import Image
 
@@ -73,16 +84,15 @@ def encode(image: PILImage.Image, protocol: str, max_cols: int, max_rows: int, *
     if protocol == "blocks":
         cols, rows = fit(width, height, max_cols, max_rows, (1, 2))
         return encoders.blocks(_resized(image, (cols, rows * 2)), truecolor) + "\n"
-    cols, rows = fit(width, height, max_cols, max_rows, cell)
-    scale = min(1.0, cols * cell[0] / width, rows * cell[1] / height)
-    small = _resized(image, (round(width * scale), round(height * scale)))
+    small = _resized(image, pixel_size(width, height, max_cols, max_rows, cell))
+    rows = -(-small.height // cell[1])
     if protocol == "sixel":
         return encoders.sixel(small) + "\r\n"
     png = encoders.png_bytes(small)
     if protocol == "kitty":
-        parts = encoders.kitty_parts(png, cols, rows)
+        parts = encoders.kitty_parts(png)
     elif protocol == "iterm":
-        parts = [encoders.iterm(png, cols, rows)]
+        parts = [encoders.iterm(png, f"{small.width}px", f"{small.height}px")]
     else:
         raise ValueError(f"unknown picture protocol {protocol!r}")
     if not tmux:

@@ -72,3 +72,12 @@ def test_train_plot_fetches_the_log_folders_loss_png_over_the_protocol(live_daem
     assert out[4]["plot"]["path"] == plot["path"]
     assert not out[5]["ok"] and "no training log folder of 'nosuch'" in out[5]["error"]["message"]
     assert not out[6]["ok"]  # a path is never a NAME
+
+
+def test_view_1_after_a_grid_is_the_grid_picture(live_daemon):
+    done = sdrepl(live_daemon, "!grid a fox --x seed=1,2 --steps 2 --size 32x32\n!view\n!view 2\n")
+    grid, latest, before = rows(done)
+    assert grid["ok"], grid
+    assert latest["view"]["path"] == grid["grid"]["path"]
+    assert (latest["view"]["width"], latest["view"]["height"]) == (grid["grid"]["width"], grid["grid"]["height"])
+    assert not before["ok"]  # a grid counts one picture, its cells are not this session's latest
