@@ -134,8 +134,9 @@ def query_sixel(fd_in: int, fd_out: int, timeout: float = DA1_TIMEOUT_S) -> bool
 
     Called once at start-up, before prompt_toolkit owns the terminal and before anything can have been
     typed: echo and line mode are off while waiting (at most ``timeout`` seconds), and reading stops at
-    the reply's final ``c``, so the answer is never echoed nor left for the prompt. Every terminal
-    answers DA1 (it is how tools probe for sixel); None: no answer in time.
+    the reply's final ``c``, so the answer is never echoed nor left for the prompt. Not asked when keys
+    typed ahead are already waiting (they come before the answer and would be lost). Every terminal
+    answers DA1 (it is how tools probe for sixel); None: no answer in time, or not asked.
     """
     import termios
 
@@ -149,6 +150,8 @@ def query_sixel(fd_in: int, fd_out: int, timeout: float = DA1_TIMEOUT_S) -> bool
     quiet[6][termios.VMIN], quiet[6][termios.VTIME] = 0, 0
     reply = b""
     try:
+        if select.select([fd_in], [], [], 0)[0]:
+            return None  # keys typed ahead are waiting: reading past them to the answer would lose them
         termios.tcsetattr(fd_in, termios.TCSANOW, quiet)
         os.write(fd_out, DA1.encode("ascii"))
         deadline = time.monotonic() + timeout

@@ -145,3 +145,21 @@ def test_tmux_passthrough_option_is_read_from_tmux(tmp_path, monkeypatch):
         assert d.tmux_allows_passthrough() is False
     finally:
         subprocess.run(["tmux", "-S", socket, "kill-server"], capture_output=True, timeout=30)
+
+
+def test_the_da1_query_is_not_sent_over_keys_typed_ahead():
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        os.write(master, b"a cat\r")  # typed while the REPL started
+        assert d.query_sixel(slave, slave, timeout=1) is None
+        assert os.read(slave, 16) == b"a cat\n"  # still there for the prompt (the pty's cooked mode maps \r)
+        os.set_blocking(master, False)
+        try:
+            assert b"\x1b[c" not in os.read(master, 64)
+        except BlockingIOError:
+            pass  # nothing was written to the terminal: no query
+    finally:
+        os.close(master)
+        os.close(slave)
