@@ -387,14 +387,27 @@ class InteractiveRepl:
         prompt below it afterwards), through ``run_in_terminal`` should a prompt be up. A picture that
         cannot be read is one line, never an exception: the line's result is already shown.
         """
-        from sdrepl.repl.preview.draw import PreviewError, picture_text, pictures_of, protocol_for
-        from sdrepl.repl.preview.render import cell_pixels
+        from sdrepl.repl.preview.draw import pictures_of, protocol_for
 
         shown = pictures_of(result)
         mode = str(getattr(getattr(self.session, "defaults", None), "preview", "auto"))
         protocol = protocol_for(mode, self.terminal)
         if not shown or protocol is None:
             return
+        # Encoding and writing take a moment: Ctrl-C then must not raise into the loop, nor keys echo
+        # into the picture (they wait for the prompt, as while a line runs).
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # called outside the loop (tests): nothing to guard
+            self._draw(shown, protocol)
+            return
+        with sigint_handler(lambda: None), quiet_keyboard():
+            self._draw(shown, protocol)
+
+    def _draw(self, shown: Any, protocol: str) -> None:
+        from sdrepl.repl.preview.draw import PreviewError, picture_text
+        from sdrepl.repl.preview.render import cell_pixels
+
         try:
             size = self.prompt.app.output.get_size()
             columns, rows = size.columns, size.rows
