@@ -114,3 +114,22 @@ def test_a_half_block_preview_sits_above_an_intact_prompt_and_toolbar(tmux):
     tmux.wait_for(lambda s: s.count("▀" * 64) >= 64 and toolbar_shown(s)
                   and s.splitlines()[prompt_row(s)].rstrip() == "sd>")
     tmux.keys("!quit", "Enter")
+
+
+def test_train_plot_draws_the_loss_plot_above_the_prompt(tmux, daemon):
+    from sdrepl.core.training.loss_plot import loss_png
+
+    folder = daemon.tmp / "textual_inversion" / "2026-12-01" / "plotted"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "loss.png").write_bytes(loss_png(list(range(1, 41)), [1 / s for s in range(1, 41)], [0.005] * 40))
+    tmux.keys("!set preview blocks", "Enter")
+    tmux.keys("!train plot plotted", "Enter")
+    screen = tmux.wait_for(lambda s: "loss plot of plotted" in s and "▀" in s and toolbar_shown(s)
+                           and s.splitlines()[prompt_row(s)].rstrip() == "sd>")
+    lines = screen.splitlines()
+    picture = [i for i, line in enumerate(lines) if "▀" in line]
+    assert max(picture) < prompt_row(screen)
+    (columns,) = {len(lines[i].rstrip()) for i in picture}
+    assert columns == 119  # the pane's width less one
+    assert abs(columns - 4 * len(picture)) <= 2  # 800x400 px, two pixels a cell row: aspect kept
+    tmux.keys("!quit", "Enter")
