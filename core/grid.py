@@ -290,7 +290,9 @@ def parse_axis(spec: str, where: str = "--x") -> Axis:
             example = f"{kind}=NAME:0,0.5,1" if kind == "lora" else f"{kind}=NAME (every snapshot) or {kind}=NAME:500,1000"
             raise UsageError(f"{where} {spec.strip()!r}: name the {'LoRA' if kind == 'lora' else 'embedding'} it "
                              f"sweeps: {where} {example}")
-        name = name.strip("<>")
+        name = name.strip().strip("<>")
+        if any(c in name for c in "<>"):
+            raise UsageError(f"{where} {spec.strip()!r}: {name!r} cannot be a name (it holds < or >)")
     values = split_values(rest)
     if kind == "ckpt" and (not values or [v.lower() for v in values] == ["all"]):
         return Axis(kind, (), name, spec.strip(), every_snapshot=True)
@@ -352,9 +354,13 @@ def check_count(axes: Sequence[Axis | None]) -> None:
     """The one cell limit: UsageError when the axes make more than :data:`MAX_GRID_CELLS` cells."""
     count = cell_count(axes)
     if count > MAX_GRID_CELLS:
-        sizes = " x ".join(str(len(a.values)) for a in axes if a is not None)
-        raise UsageError(f"!grid: {sizes} = {count} cells, more than {MAX_GRID_CELLS}; sweep fewer values (or "
-                         "split it into several grids)")
+        given = [a for a in axes if a is not None]
+        sizes = " x ".join(str(len(a.values)) for a in given) + " = " if len(given) > 1 else ""
+        snapshots = [a for a in given if a.kind == "ckpt" and len(a.values) > 1]
+        hint = (f"; name the snapshots to compare, e.g. ckpt={snapshots[0].name}:{snapshots[0].values[0].typed},"
+                f"{snapshots[0].values[-1].typed}" if snapshots else "")
+        raise UsageError(f"!grid: {sizes}{count} cells, more than {MAX_GRID_CELLS}; sweep fewer values (or "
+                         f"split it into several grids){hint}")
 
 
 def with_snapshots(axis: Axis, steps: Sequence[int], where: str) -> Axis:

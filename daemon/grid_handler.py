@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import glob
 import random
 import threading
 import time
@@ -68,7 +69,7 @@ def find_log_dir(name: str, cwd: Path) -> Path:
     """NAME's training log folder, as ``!train`` lays it out: the newest ``<cwd>/textual_inversion/*/NAME``
     holding snapshots (the default log folders are dated)."""
     root = cwd / "textual_inversion"
-    found = [p for p in root.glob(f"*/{name}") if (p / "embeddings").is_dir()] if root.is_dir() else []
+    found = [p for p in root.glob(f"*/{glob.escape(name)}") if (p / "embeddings").is_dir()] if root.is_dir() else []
     if not found:
         raise UsageError(f"grid: ckpt={name}: no training log folder {root}/*/{name}/embeddings; train it first "
                          f"(!train {name} --data DIR --save-every N writes snapshots), or give the folder with "

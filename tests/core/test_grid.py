@@ -8,7 +8,15 @@ import random
 import pytest
 
 from sdrepl.core.errors import UsageError
-from sdrepl.core.grid import Axis, AxisValue, parse_axes, parse_axis, split_values, with_snapshots
+from sdrepl.core.grid import (
+    Axis,
+    AxisValue,
+    check_count,
+    parse_axes,
+    parse_axis,
+    split_values,
+    with_snapshots,
+)
 from sdrepl.core.grid_cells import (
     OverlayLookup,
     cell_params,
@@ -98,6 +106,7 @@ def test_named_axes_keep_their_name():
     ("lora=style", "no values"),
     ("lora=style:200", "out of range"),
     ("ckpt=:500", "name the embedding"),
+    ("lora=a>b:1", "holds < or >"),
     ("ckpt=cat:-5", "must be 0 or more"),
 ])
 def test_bad_axes_say_what_and_how(spec, message):
@@ -116,6 +125,9 @@ def test_axes_need_x_and_no_repeats_and_a_bounded_cell_count():
     side = int(MAX_GRID_CELLS ** 0.5) + 1
     with pytest.raises(UsageError, match=rf"{side} x {side} = {side * side} cells, more than {MAX_GRID_CELLS}"):
         parse_axes(f"seed=1-{side}", f"steps=1-{side}")
+    many = with_snapshots(parse_axis("ckpt=cat"), list(range(0, 10 * (MAX_GRID_CELLS + 1), 10)), "--x")
+    with pytest.raises(UsageError, match=rf"!grid: {MAX_GRID_CELLS + 1} cells, .*e.g. ckpt=cat:0,{MAX_GRID_CELLS}0"):
+        check_count([many, None, None])
 
 
 def test_cells_run_x_fastest_then_y_then_z():
