@@ -9,6 +9,7 @@ pixels equal the same generations run one by one with ``<NAME>`` being that snap
 from __future__ import annotations
 
 import json
+import select
 import shutil
 import subprocess
 import sys
@@ -39,6 +40,35 @@ def sdrepl(live: dict, stdin: str, timeout: float = 240) -> list[dict]:
     return rows
 
 
+class Driven:
+    """One scripted ``--json`` session driven line by line through pipes (as another program would), so a
+    test can change files between lines without starting a session per step."""
+
+    def __init__(self, live: dict) -> None:
+        self.stderr = open(live["root"] / "driven.stderr", "a")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen([sys.executable, "-m", "sdrepl", *live["options"], "--json"], text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     cwd=live["root"], env=live["env"])
+
+    def run(self, line: str, timeout: float = 120) -> dict:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        assert ready, f"no result for {line!r} within {timeout} s"
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.stderr.close()
+
+
 def pixels(path: str | Path) -> np.ndarray:
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
@@ -57,7 +87,15 @@ def snapshots(live_daemon) -> dict[int, Path]:
 
 
 def test_a_3x2_ckpt_by_cfg_grid_equals_the_generations_run_one_by_one(live_daemon, snapshots):
-    row, = sdrepl(live_daemon, f"!grid a photo of <{NAME}> --x ckpt={NAME} --y cfg=3,7 {TINY}\n")
+    session = Driven(live_daemon)
+    try:
+        check_grid_and_singles(session, live_daemon, snapshots)
+    finally:
+        session.close()
+
+
+def check_grid_and_singles(session: Driven, live_daemon: dict, snapshots: dict[int, Path]) -> None:
+    row = session.run(f"!grid a photo of <{NAME}> --x ckpt={NAME} --y cfg=3,7 {TINY}")
     assert row["ok"], row
     cells = row["cells"]
     assert [(c["x"], c["y"], c["z"]) for c in cells] == [(str(s), cfg, None) for cfg in ("3", "7") for s in STEPS]
@@ -92,7 +130,8 @@ def test_a_3x2_ckpt_by_cfg_grid_equals_the_generations_run_one_by_one(live_daemo
     try:
         for step in STEPS:
             shutil.copyfile(snapshots[step], target)
-            rows = sdrepl(live_daemon, f"!reload\na photo of <{NAME}> {TINY} --cfg 3\na photo of <{NAME}> {TINY} --cfg 7\n")
+            rows = [session.run(line) for line in ("!reload", f"a photo of <{NAME}> {TINY} --cfg 3",
+                                                   f"a photo of <{NAME}> {TINY} --cfg 7")]
             assert all(r["ok"] for r in rows), rows
             for cfg, single in zip(("3", "7"), rows[1:], strict=True):
                 cell = next(c for c in cells if c["x"] == str(step) and c["y"] == cfg)
@@ -100,12 +139,12 @@ def test_a_3x2_ckpt_by_cfg_grid_equals_the_generations_run_one_by_one(live_daemo
                 assert np.array_equal(pixels(cell["path"]), pixels(alone)), (step, cfg)
                 assert read_png_parameters(cell["path"]) == read_png_parameters(alone)  # TI hashes too
         # With the library holding a NAME of its own, the grid's snapshot still wins for <NAME>.
-        again, = sdrepl(live_daemon, f"!grid a photo of <{NAME}> --x ckpt={NAME}:{STEPS[0]} {TINY} --cfg 3\n")
+        again = session.run(f"!grid a photo of <{NAME}> --x ckpt={NAME}:{STEPS[0]} {TINY} --cfg 3")
         assert again["ok"], again
         assert np.array_equal(pixels(again["cells"][0]["path"]), pixels(cells[0]["path"]))
     finally:
         target.unlink(missing_ok=True)
-        sdrepl(live_daemon, "!reload\n")
+        session.run("!reload")
 
 
 def test_seed_only_cells_run_as_one_batch_with_the_pictures_of_single_runs(live_daemon):
