@@ -379,13 +379,13 @@ def img2img_options(p: dict[str, Any]) -> tuple[list[str], list[str]]:
             else:  # ESRGAN, "Latent (bicubic)", ...: A1111 upscalers sdrepl does not have
                 shown = re.sub(r"[^\w .+()-]", "?", str(extra["Hires upscaler"]))[:30]  # a stranger's text
                 left_out.append(f"Hires upscaler {shown}")
+    elif any(key.startswith("Hires ") for key in extra):  # hires fix to a fixed size (Hires resize-1/-2)
+        left_out += [key for key in IMG2IMG_FIELDS if key in extra]
     elif "Denoising strength" in extra:  # an img2img picture
         strength = number("Denoising strength", to_float(*float_range("strength")))
         if strength is not None:
             options.append(f"--strength {strength:g}")
             left_out.append(INIT_NOT_STORED)
-    elif "Hires steps" in extra or "Hires upscaler" in extra:
-        left_out += [key for key in ("Hires steps", "Hires upscaler") if key in extra]
     return options, left_out
 
 

@@ -243,3 +243,12 @@ def test_sdxl_img2img(tmp_path, init_png):
     hires = GenerationJob("a red fox", "", 2, 7.0, 3, 32, 32, "Euler", 1, 1, hires=HiresFix(2.0, 2, 0.5, "lanczos"))
     result = generate(xl, hires, tmp_path / "hires")
     assert Image.open(result["images"][0]["path"]).size == (64, 64) and result["hires"]["width"] == 64
+
+
+@pytest.mark.parametrize("name", __import__("sdrepl.core.samplers", fromlist=["x"]).sampler_names())
+@pytest.mark.filterwarnings("ignore:Should have ta>=t0")
+def test_every_sampler_runs_img2img_steps(tiny_model, init_png, tmp_path, name):
+    progress: list = []
+    result = generate(tiny_model, job(init_png, 0.5, steps=4, sampler=name), tmp_path, progress)
+    assert progress == [(1, 2), (2, 2)], name
+    assert np.isfinite(pixels(result["images"][0]["path"])).all()

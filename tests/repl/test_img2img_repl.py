@@ -101,3 +101,11 @@ def test_fetch_names_what_it_cannot_honour_and_escapes_it():
                                                                                "Hires upscale"]
     p = parsed({"Hires upscale": "9"})  # beyond the limit: left out, named
     assert "--hires" not in fetch_line(p) and unsupported_fields(p) == ["Hires upscale"]
+
+
+def test_a_hires_fix_to_a_fixed_size_is_not_mistaken_for_img2img():
+    p = parsed({"Denoising strength": "0.5", "Hires resize-1": "1024", "Hires resize-2": "768",
+                "Hires upscaler": "Latent"})
+    assert "--strength" not in fetch_line(p) and "--hires" not in fetch_line(p)
+    assert sorted(unsupported_fields(p)) == ["Denoising strength", "Hires resize-1", "Hires resize-2",
+                                             "Hires upscaler"]
