@@ -4,7 +4,8 @@ It does what ``StableDiffusionPipeline.__call__`` does (the tests check the pixe
 every sampler at fixed seeds) but owns the loop, so the rest of sdrepl can reach into it:
 
 - **conditioning per step**: ``conditioning(step) -> StepCond`` is asked before every UNet call with the
-  sampler step's index (A1111's prompt editing ``[a:b:0.5]`` and alternation ``[a|b]``);
+  index of the sampler step among those this run takes (A1111's prompt editing ``[a:b:0.5]`` and
+  alternation ``[a|b]``; an img2img run starting at step 10 asks for step 0 first, as A1111 does);
 - **several positives with weights** (A1111's ``AND``, composable diffusion): the noise prediction is
   ``uncond + sum(w_i * cfg * (cond_i - uncond))`` at every cfg, as A1111's (a plain prompt at cfg <= 1
   skips the negative, as diffusers does); one positive of weight 1 is plain guidance, computed with
@@ -257,7 +258,8 @@ def denoise(
     with first_use:  # --compile: the first run at a shape compiles; its time is reported in status
         with noise.feeding(scheduler):
             for i, t in enumerate(timesteps):
-                step = conditioning(min(done, steps - 1))
+                # A1111 counts the steps a run takes from 0 (an img2img run too, against the full schedule)
+                step = conditioning(min(done - start_step, steps - 1))
                 with_negative = use_cfg or not step.plain  # AND: A1111's formula at every cfg
                 conds = [c for c, _ in step.positives]
                 conds = [step.negative, *conds] if with_negative else conds

@@ -10,9 +10,9 @@ the step ``strength`` selects. ``int(steps * strength)`` steps run (diffusers' a
 the init latents noised to the first timestep (not pure noise: ``add_noise`` keeps the init's trace; see
 ``tests/core/test_img2img.py`` for what holds).
 
-Prompt editing (``[a:b:0.5]``) counts the schedule's steps: an img2img run of 20 steps at strength 0.5
-starts at step 10, so that prompt is ``b`` throughout. (A1111's k-diffusion img2img counts the steps it
-runs from 0 against a schedule planned for all 20, so there the switch comes only after 10 of the steps it runs.)
+Prompt editing (``[a:b:0.5]``) counts as A1111's img2img does: the steps the run takes, from 0, against
+a schedule planned for all of ``steps``. An img2img run of 20 steps at strength 0.5 takes 10 steps, so
+``[a:b:0.5]`` (switching at step 10) stays ``a`` throughout, and ``[a:b:0.25]`` switches after 5 of them.
 
 The file is a stranger's: read by ``core.picture_files.open_picture`` (through ``core.safe_open``: no FIFO
 blocks, bytes bounded; the declared size checked from the header against ``MAX_PICTURE_PIXELS`` before a

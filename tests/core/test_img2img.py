@@ -49,8 +49,8 @@ def init_png(tmp_path) -> Path:
 
 
 def job(init: Path | None, strength: float = 0.5, *, steps: int = 4, n: int = 1, seed: int = 11,
-        sampler: str = "Euler a", **extra) -> GenerationJob:
-    return GenerationJob("a photo of a tree", "blurry", steps, 7.0, seed, SIZE, SIZE, sampler, n, 1,
+        sampler: str = "Euler a", prompt: str = "a photo of a tree", **extra) -> GenerationJob:
+    return GenerationJob(prompt, "blurry", steps, 7.0, seed, SIZE, SIZE, sampler, n, 1,
                          init=str(init) if init is not None else None, strength=strength, **extra)
 
 
@@ -252,3 +252,27 @@ def test_every_sampler_runs_img2img_steps(tiny_model, init_png, tmp_path, name):
     result = generate(tiny_model, job(init_png, 0.5, steps=4, sampler=name), tmp_path, progress)
     assert progress == [(1, 2), (2, 2)], name
     assert np.isfinite(pixels(result["images"][0]["path"])).all()
+
+
+def test_prompt_editing_counts_the_steps_the_run_takes_from_0_as_a1111(tiny_model, init_png, tmp_path):
+    """A1111 resets its step counter for img2img and reads the schedule (planned for all ``steps``) from 0:
+    at strength 0.5 of 6 steps, the 3 steps run are conditioned on the schedule's steps 0, 1, 2."""
+    from sdrepl.core.conditioning import encode_text
+    from sdrepl.core.schedule import prompt_schedule
+
+    prompt = "a [cow:horse:2] in a field"
+    schedule = prompt_schedule(prompt, 6)
+    expected = [schedule.text_at(k) for k in range(3)]
+    assert expected != [schedule.text_at(k) for k in range(3, 6)]  # the two countings differ here
+    unet = tiny_model.pipe.unet
+    original = unet.forward
+    seen: list[torch.Tensor] = []
+    unet.forward = lambda *a, **k: (seen.append(k["encoder_hidden_states"][1:].clone()), original(*a, **k))[1]
+    try:
+        run_generation(tiny_model, StaticLookup(), job(init_png, 0.5, steps=6, prompt=prompt),
+                       OutputFolder(tmp_path / "out"))
+    finally:
+        del unet.forward
+    assert len(seen) == 3
+    for k, hidden in enumerate(seen):
+        assert torch.equal(hidden, encode_text(tiny_model, expected[k], StaticLookup())), k
