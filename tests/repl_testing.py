@@ -1,17 +1,22 @@
-"""Driving the interactive REPL in a real pseudo-terminal (pexpect): one launcher for every e2e test.
+"""Driving the interactive REPL in a real terminal: pexpect's pty, or a private tmux server (what the screen
+really shows); one launcher each for every e2e test.
 
 Each REPL test used to build its own environment and spawn call; a change to what the REPL needs (an
 environment variable, the banner) then had to be made in five places. :func:`repl_env` is the clean
 environment (no ``SDREPL_*`` of the developer's shell, state and history in the test's folder, no
 cursor-position requests that a pty never answers), :func:`spawn_repl` starts ``python -m sdrepl`` and
 waits for its first prompt, :func:`close_repl` ends it with Ctrl-D (killing it if it does not go).
+:class:`Tmux` runs the REPL in a tmux pane whose contents (``capture-pane``) a test waits on.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
+import subprocess
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +66,41 @@ def close_repl(child: Any) -> None:
             child.terminate(force=True)
     if child.logfile_read is not None:
         child.logfile_read.close()
+
+
+class Tmux:
+    """One REPL (``python -m sdrepl ARGS`` with ``env``, in ``tmp``) in a private tmux server of a
+    ``width`` x ``height`` pane; :meth:`screen` is the pane as the user sees it."""
+
+    def __init__(self, tmp: Path, name: str, args: list[str], env: Mapping[str, str], *, width: int = 150,
+                 height: int = 40) -> None:
+        self.socket = str(tmp / f"tmux-{name}")
+        script = tmp / f"{name}.sh"
+        exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items() if k.isidentifier())
+        command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "sdrepl", *args])
+        script.write_text(f"{exports}cd {shlex.quote(str(tmp))}\nexec {command}\n")
+        self.tmux("new-session", "-d", "-s", name, "-x", str(width), "-y", str(height),
+                  f"bash {shlex.quote(str(script))}")
+
+    def tmux(self, *args: str) -> str:
+        return subprocess.run(["tmux", "-S", self.socket, *args], capture_output=True, text=True, check=True,
+                              timeout=30).stdout
+
+    def screen(self) -> str:
+        return self.tmux("capture-pane", "-p")
+
+    def keys(self, *keys: str, literal: bool = False) -> None:
+        self.tmux("send-keys", *(["-l"] if literal else []), *keys)
+
+    def wait_for(self, predicate: Callable[[str], bool], timeout: float = 90.0) -> str:
+        """The first screen ``predicate`` accepts (polled every 50 ms); fails with the last screen."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            screen = self.screen()
+            if predicate(screen):
+                return screen
+            time.sleep(0.05)
+        raise AssertionError(f"the screen never matched; it shows:\n{self.screen()}")
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True, timeout=30)

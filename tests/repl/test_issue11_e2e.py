@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 from daemon_testing import make_daemon, short_dir
 from PIL import Image
-from repl_testing import PROMPT, close_repl, repl_env, spawn_repl
+from repl_testing import PROMPT, Tmux, close_repl, repl_env, spawn_repl
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -122,45 +119,11 @@ def test_a_pasted_a1111_block_is_one_generation_with_its_settings(repl, daemon):
 
 # -- item 8: screen hygiene, in tmux (what the screen really shows) ----------------------------------
 
-class Tmux:
-    """One REPL in a private tmux server; :meth:`screen` is the pane as the user sees it."""
-
-    def __init__(self, daemon, name: str) -> None:
-        self.socket = str(daemon.tmp / f"tmux-{name}")
-        script = daemon.tmp / f"{name}.sh"
-        exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in daemon.env.items() if k.isidentifier())
-        command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "sdrepl", *daemon.args])
-        script.write_text(f"{exports}cd {shlex.quote(str(daemon.tmp))}\nexec {command}\n")
-        self.tmux("new-session", "-d", "-s", name, "-x", "150", "-y", "40", f"bash {shlex.quote(str(script))}")
-
-    def tmux(self, *args: str) -> str:
-        return subprocess.run(["tmux", "-S", self.socket, *args], capture_output=True, text=True, check=True,
-                              timeout=30).stdout
-
-    def screen(self) -> str:
-        return self.tmux("capture-pane", "-p")
-
-    def keys(self, *keys: str, literal: bool = False) -> None:
-        self.tmux("send-keys", *(["-l"] if literal else []), *keys)
-
-    def wait_for(self, predicate, timeout: float = 60.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            screen = self.screen()
-            if predicate(screen):
-                return screen
-            time.sleep(0.05)
-        raise AssertionError(f"the screen never matched; it shows:\n{self.screen()}")
-
-    def close(self) -> None:
-        subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True, timeout=30)
-
-
 @pytest.fixture
 def tmux(daemon):
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed")
-    session = Tmux(daemon, f"t{os.getpid()}")
+    session = Tmux(daemon.tmp, f"t{os.getpid()}", daemon.args, daemon.env)
     try:
         session.wait_for(lambda s: re.search(r"^sd>", s, re.M) is not None)  # capture-pane drops trailing blanks
         yield session

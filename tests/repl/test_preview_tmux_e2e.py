@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import shutil
-import subprocess
-import sys
-import time
 from types import SimpleNamespace
 
 import pytest
 from daemon_testing import make_daemon, short_dir
-from repl_testing import repl_env
+from repl_testing import Tmux, repl_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -34,43 +30,9 @@ def daemon():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-class Tmux:
-    """One REPL in a private tmux server (as tests/repl/test_issue11_e2e.py's); ``screen()`` is the pane."""
-
-    def __init__(self, daemon, name: str) -> None:
-        self.socket = str(daemon.tmp / f"tmux-{name}")
-        script = daemon.tmp / f"{name}.sh"
-        exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in daemon.env.items() if k.isidentifier())
-        command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "sdrepl", *daemon.args])
-        script.write_text(f"{exports}cd {shlex.quote(str(daemon.tmp))}\nexec {command}\n")
-        self.tmux("new-session", "-d", "-s", name, "-x", "120", "-y", "80", f"bash {shlex.quote(str(script))}")
-
-    def tmux(self, *args: str) -> str:
-        return subprocess.run(["tmux", "-S", self.socket, *args], capture_output=True, text=True, check=True,
-                              timeout=30).stdout
-
-    def screen(self) -> str:
-        return self.tmux("capture-pane", "-p")
-
-    def keys(self, *keys: str, literal: bool = False) -> None:
-        self.tmux("send-keys", *(["-l"] if literal else []), *keys)
-
-    def wait_for(self, predicate, timeout: float = 90.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            screen = self.screen()
-            if predicate(screen):
-                return screen
-            time.sleep(0.05)
-        raise AssertionError(f"the screen never matched; it shows:\n{self.screen()}")
-
-    def close(self) -> None:
-        subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True, timeout=30)
-
-
 @pytest.fixture
 def tmux(daemon):
-    session = Tmux(daemon, f"pv{os.getpid()}")
+    session = Tmux(daemon.tmp, f"pv{os.getpid()}", daemon.args, daemon.env, width=120, height=80)
     try:
         session.wait_for(lambda s: re.search(r"^sd>", s, re.M) is not None)
         yield session
