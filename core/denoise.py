@@ -161,20 +161,29 @@ def guided(step: StepCond, preds: list[torch.Tensor], cfg: float, use_cfg: bool)
     return result
 
 
+def latent_stats(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The VAE's per-channel latent mean and std (``[1, C, 1, 1]``, on ``like``'s device and dtype) where its
+    config has them (some SDXL-family VAEs), else None: only ``scaling_factor`` maps latents to the UNet's
+    space then. Used both ways: decoding here, encoding in ``core.img2img``."""
+    mean = getattr(vae.config, "latents_mean", None)
+    std = getattr(vae.config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    return (torch.tensor(mean).view(1, -1, 1, 1).to(like.device, like.dtype),
+            torch.tensor(std).view(1, -1, 1, 1).to(like.device, like.dtype))
+
+
 def decode(components: Components, latents: torch.Tensor, output: str = "pil") -> list[Any]:
     """Latents -> pictures, one picture at a time (a batch's pictures equal their batch-of-one pictures,
     and the VAE's peak memory stays that of one picture). An fp16 VAE that overflows (NaN/Inf: SDXL's
     VAE does at 1024 px) is retried in fp32 for that picture only, as A1111 does."""
     vae = components.vae
-    config = vae.config
-    mean = getattr(config, "latents_mean", None)
-    std = getattr(config, "latents_std", None)
-    if mean is not None and std is not None:
-        mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
-        std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
-        latents = latents * std_t / config.scaling_factor + mean_t
+    stats = latent_stats(vae, latents)
+    if stats is not None:
+        mean_t, std_t = stats
+        latents = latents * std_t / vae.config.scaling_factor + mean_t
     else:
-        latents = latents / config.scaling_factor
+        latents = latents / vae.config.scaling_factor
     pictures = []
     for index in range(latents.shape[0]):
         one = latents[index:index + 1]

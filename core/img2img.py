@@ -96,14 +96,13 @@ def steps_to_run(steps: int, strength: float) -> int:
 
 def _scaled(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     """VAE latents to the UNet's space (the inverse of ``core.denoise.decode``'s unscaling)."""
-    config = vae.config
-    mean = getattr(config, "latents_mean", None)
-    std = getattr(config, "latents_std", None)
-    if mean is not None and std is not None:
-        mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
-        std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
-        return (latents - mean_t) * config.scaling_factor / std_t
-    return latents * config.scaling_factor
+    from sdrepl.core.denoise import latent_stats
+
+    stats = latent_stats(vae, latents)
+    if stats is not None:
+        mean_t, std_t = stats
+        return (latents - mean_t) * vae.config.scaling_factor / std_t
+    return latents * vae.config.scaling_factor
 
 
 def _encode_one(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
