@@ -103,30 +103,45 @@ def prompt_settings(defaults: Any, line: Any = None) -> dict[str, Any]:
     return out
 
 
-async def run_generate(session: Session, line: GenerationLine, started: Started) -> Outcome:
-    params = generation_params(line, session.defaults)
+async def picture_params(session: Session, params: dict[str, Any]) -> Path | None:
+    """What a request that makes pictures (``generate``, ``grid``) carries of this client: its own
+    ``--outputs`` (a local daemon writes there), and the img2img picture, anchored to the session's folder
+    as ``!fetch``'s path and sent to a remote daemon (which cannot read our files). Returns the resolved
+    init picture, or None."""
+    remote = getattr(session.client, "remote", False)
     settings = getattr(session.client, "settings", None)  # a repl.connection.Connection knows --outputs
-    if settings is not None and not getattr(session.client, "remote", False):
+    if settings is not None and not remote:
         params["outputs"] = str(Path(settings.outputs).expanduser().absolute())  # this client's folder
-    init = None
-    if "init" in params:  # img2img: the picture, anchored to the session's folder as !fetch's path
-        init = session.resolve(params["init"])
-        if getattr(session.client, "remote", False):  # the daemon cannot read our files: send the picture
-            from sdrepl.repl.uploads import upload_init
+    if "init" not in params:
+        return None
+    init = session.resolve(params["init"])
+    if remote:
+        from sdrepl.repl.uploads import upload_init
 
-            params["init"] = await upload_init(session.client, init)
-        else:
-            params["init"] = str(init)
-    request_id, future = session.client.start("generate", **params)
+        params["init"] = await upload_init(session.client, init)
+    else:
+        params["init"] = str(init)
+    return init
+
+
+async def cancellable(session: Session, kind: str, params: dict[str, Any], started: Started) -> dict[str, Any]:
+    """Send request ``kind`` and wait for its result; when the line is interrupted (Ctrl-C cancelled our
+    task) the daemon's work is cancelled too."""
+    request_id, future = session.client.start(kind, **params)
     if started is not None:
         started(request_id)
     try:
-        result = await future
+        return await future
     except asyncio.CancelledError:
-        # The line was interrupted here (Ctrl-C cancelled our task): stop the daemon's work too.
         task = asyncio.ensure_future(session.client.cancel(request_id))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         raise
+
+
+async def run_generate(session: Session, line: GenerationLine, started: Started) -> Outcome:
+    params = generation_params(line, session.defaults)
+    init = await picture_params(session, params)
+    result = await cancellable(session, "generate", params, started)
     outputs = getattr(session.client, "local_outputs", None)
     if outputs is not None:  # a remote daemon: its pictures come back as bytes
         from sdrepl.repl.remote_pictures import bring_home

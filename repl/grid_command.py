@@ -10,7 +10,6 @@ draws the grid. The JSON result is the daemon's reply (``"grid": {"path", "width
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +19,7 @@ from sdrepl.core.errors import UsageError
 from sdrepl.core.grid import AXIS_NAMES, parse_axes, split_values
 from sdrepl.core.grid_cells import axes_from_parameters, check_search
 from sdrepl.repl import render
-from sdrepl.repl.actions import Outcome, Started, generation_params
+from sdrepl.repl.actions import Outcome, Started, cancellable, generation_params, picture_params
 from sdrepl.repl.parse import (
     _SHORT_RE,
     GENERATION_OPTIONS,
@@ -109,27 +108,8 @@ async def run_grid(session: Session, parsed: dict[str, Any], started: Started) -
         if not path.is_dir():
             raise UsageError(f"!grid --log {visible(parsed['log'])}: no such folder ({visible(str(path))})")
         params["log"] = str(path.resolve())
-    settings = getattr(session.client, "settings", None)
-    remote = getattr(session.client, "remote", False)
-    if settings is not None and not remote:
-        params["outputs"] = str(Path(settings.outputs).expanduser().absolute())
-    if "init" in params:  # an img2img grid: the picture as generate takes it (sent to a remote daemon)
-        init = session.resolve(params["init"])
-        if remote:
-            from sdrepl.repl.uploads import upload_init
-
-            params["init"] = await upload_init(session.client, init)
-        else:
-            params["init"] = str(init)
-    request_id, future = session.client.start("grid", **params)
-    if started is not None:
-        started(request_id)
-    try:
-        result = await future
-    except asyncio.CancelledError:
-        task = asyncio.ensure_future(session.client.cancel(request_id))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        raise
+    await picture_params(session, params)  # an img2img grid: the picture as generate takes it
+    result = await cancellable(session, "grid", params, started)
     outputs = getattr(session.client, "local_outputs", None)
     if outputs is not None:  # a remote daemon: the grid and its cells come back as bytes
         result = await bring_grid_home(session.client, result, outputs)

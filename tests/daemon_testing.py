@@ -86,6 +86,16 @@ class DaemonProcess:
         self.stop()
         raise RuntimeError(f"the daemon was not ready within {START_TIMEOUT} s:\n{self.log()}")
 
+    def wait_remote(self, timeout: float = 30.0) -> Path:
+        """A ``--listen`` daemon's remote connection file, once written (after the Unix socket answers:
+        ``start`` does not wait for it)."""
+        path = self.settings.remote_connection_file
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            assert time.monotonic() < deadline, f"no {path} after {timeout} s:\n{self.log()}"
+            time.sleep(0.05)
+        return path
+
     def stop(self, timeout: float = 20.0) -> int | None:
         if self.proc is None:
             return None

@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,10 +24,7 @@ def remote() -> Iterator[DaemonProcess]:
     proc = make_daemon(root, extra_args=["--listen", "127.0.0.1:0"])
     try:
         proc.start(cwd=root)
-        deadline = time.monotonic() + 30
-        while not proc.settings.remote_connection_file.exists():
-            assert time.monotonic() < deadline, proc.log()
-            time.sleep(0.05)
+        proc.wait_remote()
         yield proc
     finally:
         proc.stop()

@@ -16,7 +16,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,10 +41,7 @@ def served() -> Iterator[DaemonProcess]:
                              axis=2)).save(root / "init.png")
     try:
         proc.start(cwd=root)
-        deadline = time.monotonic() + 30
-        while not proc.settings.remote_connection_file.exists():
-            assert time.monotonic() < deadline, proc.log()
-            time.sleep(0.05)
+        proc.wait_remote()
         yield proc
     finally:
         proc.stop()

@@ -31,12 +31,6 @@ from sdrepl.daemon.tls import client_context
 GEN = {"prompt": "a red cube", "steps": 2, "width": 64, "height": 64, "seed": 11}
 
 
-def wait_for_file(path: Path, proc: DaemonProcess, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"no {path} after {timeout} s:\n{proc.log()}"
-        time.sleep(0.05)
-
 
 @pytest.fixture(scope="module")
 def remote(fixtures_dir: Path) -> Iterator[DaemonProcess]:
@@ -45,7 +39,7 @@ def remote(fixtures_dir: Path) -> Iterator[DaemonProcess]:
     shutil.copy(fixtures_dir / "a1111" / "EasyNegative.safetensors", proc.embeddings)
     try:
         proc.start(cwd=root)  # where default training logs go
-        wait_for_file(proc.settings.remote_connection_file, proc)
+        proc.wait_remote()
         yield proc
     finally:
         proc.stop()
@@ -357,7 +351,7 @@ def test_stop_over_tls_and_the_key_survives_a_restart(fixtures_dir: Path) -> Non
     proc = make_daemon(root, extra_args=["--listen", "127.0.0.1:0"])
     try:
         proc.start()
-        wait_for_file(proc.settings.remote_connection_file, proc)
+        proc.wait_remote()
         out = subprocess.run([sys.executable, "-m", "sdrepl", "stop", "--connect",
                               str(proc.settings.remote_connection_file)], capture_output=True, text=True,
                              timeout=60, env=daemon_env())
@@ -365,7 +359,7 @@ def test_stop_over_tls_and_the_key_survives_a_restart(fixtures_dir: Path) -> Non
         assert proc.proc.wait(30) == 0
         before = json.loads(proc.settings.remote_connection_file.read_text())
         proc.start()
-        wait_for_file(proc.settings.remote_connection_file, proc)
+        proc.wait_remote()
         deadline = time.monotonic() + 30
         while json.loads(proc.settings.remote_connection_file.read_text())["pid"] != proc.proc.pid:
             assert time.monotonic() < deadline

@@ -33,10 +33,7 @@ def remote():
     (logs / "2026-12-01" / "evil" / "loss.png").symlink_to(logs / "2026-12-01" / "cat" / "loss.png")
     try:
         proc.start(cwd=root)
-        deadline = time.monotonic() + 30
-        while not proc.settings.remote_connection_file.exists():
-            assert time.monotonic() < deadline, proc.log()
-            time.sleep(0.05)
+        proc.wait_remote()
         yield proc, root
     finally:
         proc.stop()
