@@ -11,13 +11,16 @@ waits for its first prompt, :func:`close_repl` ends it with Ctrl-D (killing it i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 PROMPT = "sd> "
@@ -31,6 +34,27 @@ def repl_env(tmp: Path, base: Mapping[str, str] | None = None) -> dict[str, str]
                SDREPL_HISTORY=str(tmp / "history"), TOKENIZERS_PARALLELISM="false", TERM="xterm",
                PYTHONUNBUFFERED="1", PROMPT_TOOLKIT_NO_CPR="1", OMP_NUM_THREADS="1")
     return env
+
+
+@contextlib.contextmanager
+def repl_daemon(prefix: str, prepare: Callable[[Any], None] | None = None) -> Iterator[SimpleNamespace]:
+    """A daemon for interactive REPL tests in a short temporary folder (Unix socket paths are limited):
+    ``prepare(proc)`` puts files in place before it starts; yields what the REPL tests use (``args``, the
+    REPL's ``env``, ``tmp``, ``proc``, its ``socket``, ``embeddings`` and ``outputs`` folders)."""
+    from daemon_testing import make_daemon, short_dir
+
+    tmp = short_dir(prefix)
+    proc = make_daemon(tmp)
+    if prepare is not None:
+        prepare(proc)
+    proc.env = repl_env(tmp)
+    try:
+        proc.start(cwd=tmp)
+        yield SimpleNamespace(proc=proc, socket=proc.socket, embeddings=proc.embeddings, outputs=proc.outputs,
+                              env=proc.env, args=proc.settings.daemon_args(), tmp=tmp)
+    finally:
+        proc.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def spawn_repl(args: list[str], env: Mapping[str, str], cwd: Path, *, log: Path | None = None,

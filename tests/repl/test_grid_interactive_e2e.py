@@ -3,13 +3,10 @@ completion of axes, the progress line over the whole grid and Ctrl-C cancelling 
 
 from __future__ import annotations
 
-import shutil
 import time
-from types import SimpleNamespace
 
 import pytest
-from daemon_testing import make_daemon, short_dir
-from repl_testing import PROMPT, close_repl, repl_env, spawn_repl
+from repl_testing import PROMPT, close_repl, repl_daemon, spawn_repl
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -18,15 +15,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def daemon():
-    tmp = short_dir("sdrepl-gr-")
-    proc = make_daemon(tmp)
-    proc.env = repl_env(tmp)
-    try:
-        proc.start(cwd=tmp)
-        yield SimpleNamespace(args=proc.settings.daemon_args(), env=proc.env, tmp=tmp)
-    finally:
-        proc.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with repl_daemon("sdrepl-gr-") as served:
+        yield served
 
 
 @pytest.fixture

@@ -11,11 +11,9 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-from daemon_testing import make_daemon, short_dir
-from repl_testing import PROMPT, close_repl, repl_env, spawn_repl
+from repl_testing import PROMPT, close_repl, repl_daemon, spawn_repl
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -25,18 +23,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def daemon(fixtures_dir):
-    tmp = short_dir("sdrepl-e2e-")  # short: Unix socket paths are limited
-    proc = make_daemon(tmp)
-    for name in ("bad-hands-5.pt", "bad-prompt.pt"):
-        shutil.copy(fixtures_dir / "a1111" / name, proc.embeddings / name)
-    proc.env = repl_env(tmp)
-    try:
-        proc.start(cwd=tmp)
-        yield SimpleNamespace(socket=proc.socket, embeddings=proc.embeddings, outputs=proc.outputs, env=proc.env,
-                              args=proc.settings.daemon_args(), tmp=tmp)
-    finally:
-        proc.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+    def prepare(proc) -> None:
+        for name in ("bad-hands-5.pt", "bad-prompt.pt"):
+            shutil.copy(fixtures_dir / "a1111" / name, proc.embeddings / name)
+
+    with repl_daemon("sdrepl-e2e-", prepare) as served:
+        yield served
 
 
 @pytest.fixture

@@ -12,12 +12,10 @@ import re
 import shutil
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-from daemon_testing import make_daemon, short_dir
 from PIL import Image
-from repl_testing import PROMPT, Tmux, close_repl, repl_env, spawn_repl
+from repl_testing import PROMPT, Tmux, close_repl, repl_daemon, spawn_repl
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -27,17 +25,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def daemon(fixtures_dir):
-    tmp = short_dir("sdrepl-i11-")
-    proc = make_daemon(tmp)
-    shutil.copy(fixtures_dir / "a1111" / "bad-hands-5.pt", proc.embeddings / "bad-hands-5.pt")
-    proc.env = repl_env(tmp)
-    try:
-        proc.start(cwd=tmp)
-        yield SimpleNamespace(proc=proc, socket=proc.socket, embeddings=proc.embeddings, outputs=proc.outputs,
-                              env=proc.env, args=proc.settings.daemon_args(), tmp=tmp)
-    finally:
-        proc.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+    def prepare(proc) -> None:
+        shutil.copy(fixtures_dir / "a1111" / "bad-hands-5.pt", proc.embeddings / "bad-hands-5.pt")
+
+    with repl_daemon("sdrepl-i11-", prepare) as served:
+        yield served
 
 
 def spawn(daemon, *extra: str):

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import shutil
 import time
-from types import SimpleNamespace
 
 import pytest
-from daemon_testing import make_daemon, short_dir
-from repl_testing import close_repl, repl_env, spawn_repl
+from repl_testing import close_repl, repl_daemon, spawn_repl
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -22,19 +20,14 @@ def daemon():
 
     from sdrepl.core.tiny import build_tiny
 
-    tmp = short_dir("sdrepl-lo-")
-    proc = make_daemon(tmp)
-    (tmp / "loras").mkdir()
-    pipe = build_tiny("tiny")
-    kohya_file(tmp / "loras" / "watercolor.safetensors", pipe, seed=1)
-    kohya_file(tmp / "later.safetensors", pipe, seed=2)
-    proc.env = repl_env(tmp)
-    try:
-        proc.start(cwd=tmp)
-        yield SimpleNamespace(args=proc.settings.daemon_args(), env=proc.env, tmp=tmp)
-    finally:
-        proc.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+    def prepare(proc) -> None:
+        (proc.root / "loras").mkdir()
+        pipe = build_tiny("tiny")
+        kohya_file(proc.root / "loras" / "watercolor.safetensors", pipe, seed=1)
+        kohya_file(proc.root / "later.safetensors", pipe, seed=2)
+
+    with repl_daemon("sdrepl-lo-", prepare) as served:
+        yield served
 
 
 @pytest.fixture
