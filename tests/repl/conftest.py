@@ -132,6 +132,19 @@ def make_fake() -> Callable[..., FakeClient]:
 
 # -- a real daemon, for the end-to-end tests ------------------------------------------------------------
 
+@pytest.fixture
+def repl(daemon):
+    """The interactive REPL in a pty (``repl_testing.spawn_repl``) against the test module's own ``daemon``
+    fixture (``repl_testing.repl_daemon``); the screen is logged to ``repl-screen.log`` for post-mortems."""
+    from repl_testing import close_repl, spawn_repl
+
+    child = spawn_repl(daemon.args, daemon.env, daemon.tmp, log=daemon.tmp / "repl-screen.log")
+    try:
+        yield child
+    finally:
+        close_repl(child)
+
+
 def sdrepl_env(root: Path) -> dict[str, str]:
     """The environment of an ``sdrepl`` subprocess: offline, one thread, its logs under ``root``."""
     env = dict(os.environ)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from repl_testing import PROMPT, close_repl, repl_daemon, spawn_repl
+from repl_testing import PROMPT, repl_daemon
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -17,15 +17,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def daemon():
     with repl_daemon("sdrepl-gr-") as served:
         yield served
-
-
-@pytest.fixture
-def repl(daemon):
-    child = spawn_repl(daemon.args, daemon.env, daemon.tmp)
-    try:
-        yield child
-    finally:
-        close_repl(child)
 
 
 def test_a_grid_prints_its_summary_and_path(repl):

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from repl_testing import PROMPT, close_repl, repl_daemon, spawn_repl
+from repl_testing import PROMPT, repl_daemon
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -29,15 +29,6 @@ def daemon(fixtures_dir):
 
     with repl_daemon("sdrepl-e2e-", prepare) as served:
         yield served
-
-
-@pytest.fixture
-def repl(daemon):
-    child = spawn_repl(daemon.args, daemon.env, daemon.tmp, log=daemon.tmp / "repl-screen.log")
-    try:
-        yield child
-    finally:
-        close_repl(child)
 
 
 def complete(child, typed: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from repl_testing import PROMPT, Tmux, close_repl, repl_daemon, spawn_repl
+from repl_testing import PROMPT, Tmux, repl_daemon, spawn_repl
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -34,15 +34,6 @@ def daemon(fixtures_dir):
 
 def spawn(daemon, *extra: str):
     return spawn_repl([*daemon.args, *extra], daemon.env, daemon.tmp, log=daemon.tmp / "repl-screen.log")
-
-
-@pytest.fixture
-def repl(daemon):
-    child = spawn(daemon)
-    try:
-        yield child
-    finally:
-        close_repl(child)
 
 
 def pictures(daemon) -> set[Path]:

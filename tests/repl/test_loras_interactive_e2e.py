@@ -7,7 +7,7 @@ import shutil
 import time
 
 import pytest
-from repl_testing import close_repl, repl_daemon, spawn_repl
+from repl_testing import repl_daemon
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -28,15 +28,6 @@ def daemon():
 
     with repl_daemon("sdrepl-lo-", prepare) as served:
         yield served
-
-
-@pytest.fixture
-def repl(daemon):
-    child = spawn_repl(daemon.args, daemon.env, daemon.tmp)
-    try:
-        yield child
-    finally:
-        close_repl(child)
 
 
 def test_tab_completes_a_lora_and_tokens_show_it(repl):
