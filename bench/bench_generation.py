@@ -24,17 +24,6 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 
-class NoEmbeddings:
-    def get(self, name):
-        return None
-
-    def suggest(self, name, limit=3):
-        return []
-
-    def triggers(self):
-        return []
-
-
 def best_time(fn, runs: int) -> float:
     """The fastest of ``runs`` (after a warm run): on a shared machine the minimum is the least disturbed."""
     fn()
@@ -62,6 +51,7 @@ def main() -> None:
     from sdrepl.core.generation import GenerationJob, run_generation
     from sdrepl.core.models import load_model
     from sdrepl.core.outputs import OutputFolder
+    from sdrepl.core.prompt import StaticLookup
 
     model = load_model("tiny", device="cpu", dtype="fp32")
     root = Path(tempfile.mkdtemp(prefix="sdrepl-bench-gen-"))
@@ -71,7 +61,7 @@ def main() -> None:
         for n in (1, 4):
             job = GenerationJob(prompt="a photo of a tree by monet", negative="blurry", steps=ns.steps, cfg=7.0,
                                 seed=42, width=64, height=64, sampler=sampler, n=n, clip_skip=1)
-            seconds = best_time(lambda job=job: run_generation(model, NoEmbeddings(), job, outputs), ns.runs)
+            seconds = best_time(lambda job=job: run_generation(model, StaticLookup(), job, outputs), ns.runs)
             rows.append((f"generate 64px {ns.steps} steps {sampler}, n={n}", seconds / n, "s/picture"))
     data = bt.make_pictures(root / "data", 64, count=8)
     for batch in (1, 4):

@@ -149,17 +149,6 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-class NoEmbeddings:
-    def get(self, name: str) -> None:
-        return None
-
-    def suggest(self, name: str, limit: int = 3) -> list[str]:
-        return []
-
-    def triggers(self) -> list[str]:
-        return []
-
-
 # --- models ----------------------------------------------------------------------------------------------
 
 
@@ -267,12 +256,13 @@ def unet_flops(model: Any, cond: Any, size: int, batch: int) -> float:
 def generation(report: Report, family: str, dtype_name: str, size: int, steps: int, batches: tuple[int, ...],
                *, targets: bool, daemon: bool = False) -> None:
     from sdrepl.core.conditioning import encode_prompts
+    from sdrepl.core.prompt import StaticLookup
     from sdrepl.core.speed import apply_speed
 
     plan = report.plan
     section = f"{'SDXL' if family == 'sdxl' else 'SD 1.5'} {size}px {steps} steps {dtype_name}"
     model = build(family, plan, dtype_name)
-    cond = encode_prompts(model, PROMPT, NEGATIVE, NoEmbeddings())
+    cond = encode_prompts(model, PROMPT, NEGATIVE, StaticLookup())
     peak = peak_flops(plan.device)
     flops = {b: unet_flops(model, cond, size, b) for b in batches}
     diffusers_s: dict[int, float] = {}
@@ -323,6 +313,7 @@ def daemon_round_trip(report: Report, model: Any) -> None:
     """``generate`` through a real daemon on the same weights vs :func:`run_generation` in-process."""
     from sdrepl.core.generation import GenerationJob, run_generation
     from sdrepl.core.outputs import OutputFolder
+    from sdrepl.core.prompt import StaticLookup
     from sdrepl.core.speed import apply_speed
     from sdrepl.daemon.client import DaemonClient
 
@@ -340,8 +331,8 @@ def daemon_round_trip(report: Report, model: Any) -> None:
         job = GenerationJob(PROMPT, NEGATIVE, steps, 7.0, SEED, size, size, "Euler a", 1, 1)
         outputs = OutputFolder(root / "in-process")
         apply_speed(model.pipe, plan.device, compile=False)
-        run_generation(model, NoEmbeddings(), job, outputs)
-        local = timed(lambda: run_generation(model, NoEmbeddings(), job, outputs), plan.device)
+        run_generation(model, StaticLookup(), job, outputs)
+        local = timed(lambda: run_generation(model, StaticLookup(), job, outputs), plan.device)
         socket = root / "d.sock"
         args = [sys.executable, "-m", "sdrepl", "serve", "--socket", str(socket), "--model", spec, "--embeddings",
                 str(root / "embeddings"), "--outputs", str(root / "outputs"), "--device", plan.device.type,

@@ -15,7 +15,7 @@ import torch
 
 from sdrepl.core.conditioning import encode_prompts
 from sdrepl.core.denoise import Components, Cond, StepCond, denoise
-from sdrepl.core.prompt import EmbeddingLookup
+from sdrepl.core.prompt import StaticLookup
 from sdrepl.core.samplers import make_scheduler, sample, sample_batch, sampler_names
 
 pytestmark = pytest.mark.filterwarnings("ignore:Should have ta>=t0")  # torchsde's float rounding note
@@ -24,24 +24,13 @@ SEED = 1234
 SIZE = 32
 
 
-class NoEmbeddings(EmbeddingLookup):
-    def get(self, name):
-        return None
-
-    def suggest(self, name, limit=3):
-        return []
-
-    def triggers(self):
-        return []
-
-
 def steps_for(name: str) -> int:
     return 3 if name.startswith(("DPM2", "Heun", "DPM++ SDE")) else 4
 
 
 @pytest.fixture(scope="module")
 def cond(tiny_model):
-    return encode_prompts(tiny_model, "a photo of a tree, autumn", "blurry", NoEmbeddings())
+    return encode_prompts(tiny_model, "a photo of a tree, autumn", "blurry", StaticLookup())
 
 
 def reference(model, cond, name: str, *, steps: int, cfg: float, seed: int, n: int = 1) -> list[np.ndarray]:
@@ -119,7 +108,7 @@ def test_the_conditioning_provider_is_asked_per_step(tiny_model, cond):
     assert asked == [0, 0, 1, 1, 2]  # each UNet call asks for its sampler step's conditioning
     assert np.array_equal(np.asarray(got[0]), np.asarray(run(tiny_model, fixed.constant(), "Heun", steps=3)[0]))
 
-    other = encode_prompts(tiny_model, "a red car", "blurry", NoEmbeddings())
+    other = encode_prompts(tiny_model, "a red car", "blurry", StaticLookup())
     switched = run(tiny_model, lambda step: fixed if step < 1 else StepCond.of(other, SIZE, SIZE), steps=3)
     plain = run(tiny_model, fixed.constant(), steps=3)
     assert not np.array_equal(np.asarray(switched[0]), np.asarray(plain[0]))
@@ -134,13 +123,13 @@ def test_one_positive_with_weight_one_is_plain_guidance_and_weights_compose(tiny
     # A1111's AND: uncond + sum w_i * cfg * (cond_i - uncond); two halves of one prompt are that prompt.
     halves = run(tiny_model, StepCond([(pos, 0.5), (pos, 0.5)], neg).constant(), output="latent")
     assert torch.allclose(plain, halves, rtol=1e-4, atol=1e-4)
-    other = Cond(encode_prompts(tiny_model, "a red car", "", NoEmbeddings()).prompt_embeds)
+    other = Cond(encode_prompts(tiny_model, "a red car", "", StaticLookup()).prompt_embeds)
     mixed = run(tiny_model, StepCond([(pos, 1.0), (other, 0.7)], neg).constant(), output="latent")
     assert not torch.allclose(plain, mixed, atol=1e-3)
 
 
 def test_conds_of_different_lengths_are_run_in_groups(tiny_model, cond):
-    long = encode_prompts(tiny_model, "a photo of a tree, " * 30, "blurry", NoEmbeddings())
+    long = encode_prompts(tiny_model, "a photo of a tree, " * 30, "blurry", StaticLookup())
     assert long.prompt_embeds.shape[1] > cond.negative_prompt_embeds.shape[1]
     step = StepCond([(Cond(long.prompt_embeds), 1.0)], Cond(cond.negative_prompt_embeds))
     out = run(tiny_model, step.constant(), output="latent")
@@ -239,7 +228,7 @@ def test_sdxl_gives_the_sdxl_pipeline_pixels(name):
     from sdrepl.core.models import load_model
 
     xl = load_model("tiny-sdxl", device="cpu", dtype="fp32")
-    cond = encode_prompts(xl, "a photo of a cat", "ugly", NoEmbeddings())
+    cond = encode_prompts(xl, "a photo of a cat", "ugly", StaticLookup())
     steps = steps_for(name)
     scheduler = make_scheduler(name, xl.pipe.scheduler.config)
     if hasattr(scheduler, "noise_sampler_seed"):

@@ -14,17 +14,7 @@ from sdrepl.core import batching
 from sdrepl.core.generation import GenerationJob, run_generation, start_generation
 from sdrepl.core.outputs import OutputFolder
 from sdrepl.core.pnginfo import read_png_parameters
-
-
-class NoEmbeddings:
-    def get(self, name):
-        return None
-
-    def suggest(self, name, limit=3):
-        return []
-
-    def triggers(self):
-        return []
+from sdrepl.core.prompt import StaticLookup
 
 
 def job(n: int, seed: int = 40, sampler: str = "Euler a") -> GenerationJob:
@@ -45,11 +35,11 @@ def test_n_pictures_are_one_batch_and_each_is_its_seed_alone(tiny_model, tmp_pat
         return original(seeds, size, run)
 
     monkeypatch.setattr(batching, "in_batches", spy)
-    together = run_generation(tiny_model, NoEmbeddings(), job(3), OutputFolder(tmp_path / "a"))
+    together = run_generation(tiny_model, StaticLookup(), job(3), OutputFolder(tmp_path / "a"))
     assert batches == [3]
     assert [image["seed"] for image in together["images"]] == [40, 41, 42]
     for index, image in enumerate(together["images"]):
-        alone = run_generation(tiny_model, NoEmbeddings(), job(1, 40 + index), OutputFolder(tmp_path / "b"))
+        alone = run_generation(tiny_model, StaticLookup(), job(1, 40 + index), OutputFolder(tmp_path / "b"))
         assert np.array_equal(pixels(image["path"]), pixels(alone["images"][0]["path"])), index
         assert f"Seed: {40 + index}," in read_png_parameters(image["path"])
 
@@ -100,7 +90,7 @@ def test_png_files_are_written_off_the_device_thread_and_waited_for(tiny_model, 
         return original(self, write, seed)
 
     monkeypatch.setattr(outputs_module.OutputFolder, "save", slow_save)
-    pending = start_generation(tiny_model, NoEmbeddings(), job(2), OutputFolder(tmp_path / "out"))
+    pending = start_generation(tiny_model, StaticLookup(), job(2), OutputFolder(tmp_path / "out"))
     # The device work returned although no file is written yet: the writer thread holds them.
     assert not list((tmp_path / "out").rglob("*.png"))
     gate.set()

@@ -15,6 +15,7 @@ from sdrepl.core.hashing import PersistentHashes
 from sdrepl.core.model_hash import SYNC_BYTES, ModelHasher
 from sdrepl.core.outputs import OutputFolder
 from sdrepl.core.pnginfo import parse_parameters, read_png_parameters
+from sdrepl.core.prompt import StaticLookup
 
 
 def big_file(path: Path) -> Path:
@@ -68,26 +69,15 @@ def test_pictures_do_not_wait_for_the_hash_and_record_it_once_known(tiny_model, 
     job = GenerationJob("a red cube", "", 1, 7.0, 3, 64, 64, "Euler a", 1, 1)
     outputs = OutputFolder(tmp_path / "out")
     try:
-        first = run_generation(model, _NoEmbeddings(), job, outputs)["images"][0]["path"]
+        first = run_generation(model, StaticLookup(), job, outputs)["images"][0]["path"]
         assert model._hasher.describe()["state"] == "hashing"  # the picture did not wait
         text = read_png_parameters(Path(first))
         assert "Model hash" not in text and parse_parameters(text)["model_hash"] is None
     finally:
         gate.set()
     model._hasher.wait(60)
-    second = run_generation(model, _NoEmbeddings(), job, outputs)["images"][0]["path"]
+    second = run_generation(model, StaticLookup(), job, outputs)["images"][0]["path"]
     assert parse_parameters(read_png_parameters(Path(second)))["model_hash"] == model.model_hash != ""
-
-
-class _NoEmbeddings:
-    def get(self, name):
-        return None
-
-    def suggest(self, name, limit=3):
-        return []
-
-    def triggers(self):
-        return []
 
 
 def test_status_text_shows_the_hash_or_its_progress() -> None:

@@ -12,6 +12,7 @@ from sdrepl.core import outputs as outputs_module
 from sdrepl.core.errors import WriteError
 from sdrepl.core.generation import GenerationJob, run_generation
 from sdrepl.core.outputs import OutputFolder
+from sdrepl.core.prompt import StaticLookup
 
 
 class RoomFor:
@@ -43,7 +44,7 @@ def test_room_for_one_of_three_pictures_reports_the_one(tmp_path: Path, monkeypa
     RoomFor(monkeypatch, 1)
     job = GenerationJob("a red cube", "", 1, 7.0, 11, 64, 64, "Euler a", 3, 1)
     with pytest.raises(WriteError) as info:
-        run_generation(tiny_model, _NoEmbeddings(), job, OutputFolder(tmp_path / "out"))
+        run_generation(tiny_model, StaticLookup(), job, OutputFolder(tmp_path / "out"))
     message = str(info.value)
     written = [p for p in (tmp_path / "out").rglob("*.png")]
     assert len(written) == 1 and str(written[0]) in message
@@ -51,12 +52,3 @@ def test_room_for_one_of_three_pictures_reports_the_one(tmp_path: Path, monkeypa
     assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".tmp")]
 
 
-class _NoEmbeddings:
-    def get(self, name):
-        return None
-
-    def suggest(self, name, limit=3):
-        return []
-
-    def triggers(self):
-        return []

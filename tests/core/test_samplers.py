@@ -65,20 +65,11 @@ def test_second_order_progress_counts_the_users_steps(name, tiny_model, tmp_path
     """Progress of a 3-step generation ends at exactly 3/3 (it ended at 5/3: two model calls per step)."""
     from sdrepl.core.generation import GenerationJob, run_generation
     from sdrepl.core.outputs import OutputFolder
-
-    class NoEmbeddings:
-        def get(self, name):
-            return None
-
-        def suggest(self, name, limit=3):
-            return []
-
-        def triggers(self):
-            return []
+    from sdrepl.core.prompt import StaticLookup
 
     seen: list[tuple[int, int]] = []
     job = GenerationJob("a tree", "", 3, 7.0, 1, 64, 64, name, 1, 1)
-    run_generation(tiny_model, NoEmbeddings(), job, OutputFolder(tmp_path / "out"),
+    run_generation(tiny_model, StaticLookup(), job, OutputFolder(tmp_path / "out"),
                    on_progress=lambda step, total, image: seen.append((step, total)))
     assert seen[-1] == (3, 3) and all(step <= total for step, total in seen)
     assert [s for s, _ in seen] == sorted(s for s, _ in seen)
