@@ -92,6 +92,19 @@ def open_regular_file(
         yield fh, opened
 
 
+def read_at_most(fh: BinaryIO, count: int) -> bytes:
+    """Up to ``count`` bytes of ``fh`` (fewer only at its end), in chunks of at most 1 MiB: the unbuffered
+    files :func:`open_regular_file` gives may return less than asked from one ``read``."""
+    chunks, left = [], count
+    while left > 0:
+        chunk = fh.read(min(left, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
 def read_regular_file(
     path: Path | str, max_bytes: int, *, follow_symlinks: bool = True, st: os.stat_result | None = None
 ) -> tuple[bytes, os.stat_result]:
@@ -102,15 +115,7 @@ def read_regular_file(
     link with ``follow_symlinks=False``).
     """
     with open_regular_file(path, max_bytes, follow_symlinks=follow_symlinks, st=st) as (fh, opened):
-        chunks: list[bytes] = []
-        left = max_bytes + 1
-        while left > 0:
-            chunk = fh.read(min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-    data = b"".join(chunks)
+        data = read_at_most(fh, max_bytes + 1)
     if len(data) > max_bytes:  # grew while being read
         raise UnsafeFile(path, f"more than the {max_bytes} bytes allowed (it grew while being read)",
                          too_large=True, size=len(data))

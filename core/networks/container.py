@@ -30,7 +30,7 @@ import torch
 from sdrepl.core.errors import NetworkError
 from sdrepl.core.formats.common import short
 from sdrepl.core.formats.pickle_file import is_pickle
-from sdrepl.core.safe_open import file_kind
+from sdrepl.core.safe_open import file_kind, read_at_most
 
 #: Extensions of LoRA / hypernetwork files (case-insensitive).
 NETWORK_EXTENSIONS = frozenset({".safetensors", ".pt", ".bin", ".ckpt"})
@@ -76,28 +76,16 @@ def _open(path: Path) -> Iterator[BinaryIO]:
         raise NetworkError(path, f"cannot read the file ({exc.strerror or exc})") from None
 
 
-def _read_exactly(fh: BinaryIO, count: int) -> bytes:
-    """Up to ``count`` bytes (fewer only at the end of the file): unbuffered reads may return less."""
-    chunks, left = [], count
-    while left > 0:
-        chunk = fh.read(min(left, 1 << 20))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
 def _safetensors_header(path: Path, size: int) -> Header:
     with _open(path) as fh:
-        head = _read_exactly(fh, 8)
+        head = read_at_most(fh, 8)
         if len(head) < 8:
             raise NetworkError(path, f"truncated safetensors file ({size} bytes; the header alone needs 8+)")
         (length,) = struct.unpack("<Q", head)
         if length > size - 8 or length > _MAX_HEADER:
             raise NetworkError(path, f"the safetensors header claims {length} bytes but the file has only "
                                      f"{size - 8} after the length field: the file is truncated")
-        raw = _read_exactly(fh, length)
+        raw = read_at_most(fh, length)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -164,7 +152,7 @@ def read_header(path: Path) -> Header:
         raise NetworkError(path, f"{size / 2**30:.1f} GiB is larger than any LoRA ({MAX_NETWORK_BYTES // 2**30} GiB "
                                  "at most): this looks like a model checkpoint; keep it out of the LoRA folder")
     with _open(path) as fh:
-        head = _read_exactly(fh, 9)
+        head = read_at_most(fh, 9)
     if len(head) >= 9 and head[8:9] == b"{":
         return _safetensors_header(path, size)
     if path.suffix.lower() == ".safetensors" and not is_pickle(head + b"\0\0\0"):
