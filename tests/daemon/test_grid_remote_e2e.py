@@ -31,15 +31,6 @@ def remote() -> Iterator[DaemonProcess]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture
-def here() -> Iterator[Path]:
-    root = short_dir()
-    try:
-        yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
 def session(remote: DaemonProcess, here: Path, lines: str) -> list[dict]:
     env = {k: v for k, v in daemon_env().items() if not k.startswith("SDREPL_")}
     done = subprocess.run([sys.executable, "-m", "sdrepl", "--connect", str(remote.settings.remote_connection_file),
@@ -48,7 +39,8 @@ def session(remote: DaemonProcess, here: Path, lines: str) -> list[dict]:
     return [json.loads(line) for line in done.stdout.splitlines()]
 
 
-def test_a_remote_grid_comes_home_with_its_cells(remote, here):
+def test_a_remote_grid_comes_home_with_its_cells(remote, short_tmp):
+    here = short_tmp  # the client's folder, on "another machine"
     picture = here / "init.png"
     Image.fromarray(np.random.default_rng(2).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(picture)
     (here / "logs").mkdir()
