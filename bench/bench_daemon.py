@@ -41,17 +41,20 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def spawn_daemon(root: Path, device: str, env: dict[str, str]) -> tuple[subprocess.Popen, Path, float]:
-    """Start ``sdrepl serve`` on ``tiny``; return the process, its socket and seconds until it answered."""
+def spawn_daemon(root: Path, env: dict[str, str], extra: list[str]) -> tuple[subprocess.Popen, Path, float]:
+    """Start ``sdrepl serve`` on ``tiny`` with its folders under ``root`` and ``extra`` options (``--device``,
+    ``--listen``...); return the process, its socket and seconds until it answered. The one launcher of the
+    benchmarks that run a daemon (bench_remote and bench_watcher import it)."""
     from sdrepl.daemon.client import DaemonUnavailable, request_sync
 
     socket = root / "d.sock"
     args = [sys.executable, "-m", "sdrepl", "serve", "--socket", str(socket), "--model", "tiny", "--embeddings",
-            str(root / "embeddings"), "--outputs", str(root / "outputs"), "--device", device]
+            str(root / "embeddings"), "--outputs", str(root / "outputs"), *extra]
     started = time.monotonic()
     with open(root / "daemon.log", "ab") as log:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
-    while True:
+    deadline = started + 300
+    while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"the daemon exited: {(root / 'daemon.log').read_text()[-2000:]}")
         try:
@@ -60,6 +63,8 @@ def spawn_daemon(root: Path, device: str, env: dict[str, str]) -> tuple[subproce
         except DaemonUnavailable:
             pass
         time.sleep(0.02)
+    proc.kill()
+    raise SystemExit("the daemon did not start within 300 s")
 
 
 def stop_daemon(proc: subprocess.Popen) -> None:
@@ -143,10 +148,10 @@ def main() -> None:
         shutil.copy(FIXTURES / "bad-hands-5.pt", root / "embeddings")
         starts = []
         for _ in range(max(ns.starts - 1, 0)):
-            proc, _, seconds = spawn_daemon(root, ns.device, env)
+            proc, _, seconds = spawn_daemon(root, env, ["--device", ns.device])
             starts.append(seconds)
             stop_daemon(proc)
-        proc, socket, seconds = spawn_daemon(root, ns.device, env)
+        proc, socket, seconds = spawn_daemon(root, env, ["--device", ns.device])
         starts.append(seconds)
         try:
             to_event, usable, deleted = asyncio.run(reload_latency(socket, root / "embeddings", ns.files))

@@ -21,45 +21,19 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench_daemon import spawn_daemon, stop_daemon  # noqa: E402 - the benchmarks' one daemon launcher
+
 GEN = {"prompt": "a lighthouse at dusk", "steps": 4, "width": 64, "height": 64, "seed": 1234}
 
 
-def spawn(root: Path, extra: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
-    from sdrepl.daemon.client import DaemonUnavailable, request_sync
-
-    socket = root / "d.sock"
-    args = [sys.executable, "-m", "sdrepl", "serve", "--socket", str(socket), "--model", "tiny", "--embeddings",
-            str(root / "embeddings"), "--outputs", str(root / "outputs"), "--loras", str(root / "loras"),
-            "--hypernetworks", str(root / "hn"), "--dtype", "fp32", *extra]
-    with open(root / "daemon.log", "ab") as log:
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the daemon exited: {(root / 'daemon.log').read_text()[-2000:]}")
-        try:
-            if request_sync(socket, "status", timeout=2.0).get("pid") == proc.pid:
-                return proc, socket
-        except DaemonUnavailable:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("the daemon did not start within 300 s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
+def folders(root: Path) -> list[str]:
+    """The LoRA and hypernetwork folders of this benchmark's daemon (empty), and its dtype."""
+    return ["--loras", str(root / "loras"), "--hypernetworks", str(root / "hn"), "--dtype", "fp32"]
 
 
 async def round_trips(socket: Path, endpoint: object, runs: int, local: Path) -> tuple[list[float], list[float]]:
@@ -100,7 +74,7 @@ async def throughput(socket: Path, jobs: int, size: int) -> float:
 def round_trip(root: Path, env: dict[str, str], args: argparse.Namespace) -> None:
     from sdrepl.daemon.auth import endpoint_from_file
 
-    proc, socket = spawn(root, ["--device", "cpu", "--listen", "127.0.0.1:0"], env)
+    proc, socket, _ = spawn_daemon(root, env, [*folders(root), "--device", "cpu", "--listen", "127.0.0.1:0"])
     try:
         remote_file = socket.with_name(socket.name + ".remote.json")
         deadline = time.monotonic() + 30
@@ -109,7 +83,7 @@ def round_trip(root: Path, env: dict[str, str], args: argparse.Namespace) -> Non
         endpoint = endpoint_from_file(remote_file)
         unix, tls = asyncio.run(round_trips(socket, endpoint, args.runs, root / "local-outputs"))
     finally:
-        stop(proc)
+        stop_daemon(proc)
     mu, mt = statistics.median(unix), statistics.median(tls)
     print(f"generation 64x64, 4 steps, median of {args.runs}: unix socket {mu * 1000:.1f} ms, TLS loopback + "
           f"picture home {mt * 1000:.1f} ms, ratio {mt / mu:.3f} (target <= 1.05)")
@@ -134,11 +108,11 @@ def main() -> int:
         walls = {}
         for devices in ("cpu", "cpu,cpu"):
             shutil.rmtree(root / "outputs", ignore_errors=True)
-            proc, socket = spawn(root, ["--device", devices], env)
+            proc, socket, _ = spawn_daemon(root, env, [*folders(root), "--device", devices])
             try:
                 walls[devices] = asyncio.run(throughput(socket, args.jobs, args.size))
             finally:
-                stop(proc)
+                stop_daemon(proc)
             print(f"--device {devices}: {args.jobs} concurrent {args.size}x{args.size} generations in {walls[devices]:.2f} s "
                   f"({args.jobs / walls[devices]:.2f} pictures/s)")
         print(f"two workers / one: {walls['cpu'] / walls['cpu,cpu']:.2f}x the throughput")

@@ -26,7 +26,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,6 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+from bench_daemon import spawn_daemon, stop_daemon  # noqa: E402 - the benchmarks' one daemon launcher
 from fixture_paths import A1111  # noqa: E402
 
 SOURCES = [A1111 / "bad-hands-5.pt", A1111 / "EasyNegative.safetensors", A1111 / "bad-artist.pt"]
@@ -43,25 +43,6 @@ SOURCES = [A1111 / "bad-hands-5.pt", A1111 / "EasyNegative.safetensors", A1111 /
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
-def spawn(root: Path, env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
-    from sdrepl.daemon.client import DaemonUnavailable, request_sync
-
-    socket = root / "d.sock"
-    args = [sys.executable, "-m", "sdrepl", "serve", "--socket", str(socket), "--model", "tiny", "--embeddings",
-            str(root / "embeddings"), "--outputs", str(root / "outputs"), "--device", "cpu"]
-    with open(root / "daemon.log", "ab") as log:
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"the daemon exited: {(root / 'daemon.log').read_text()[-2000:]}")
-        try:
-            if request_sync(socket, "status", timeout=2.0).get("pid") == proc.pid:
-                return proc, socket
-        except DaemonUnavailable:
-            pass
-        time.sleep(0.05)
 
 
 class Added:
@@ -228,12 +209,11 @@ def main() -> None:
     try:
         # fill: its own daemon, so the folder holds exactly the fill
         (root / "embeddings").mkdir()
-        proc, socket = spawn(root, env)
+        proc, socket, _ = spawn_daemon(root, env, ["--device", "cpu"])
         try:
             f = asyncio.run(fill(socket, root / "embeddings", ns.fill, ns.gap_ms / 1000))
         finally:
-            proc.terminate()
-            proc.wait(30)
+            stop_daemon(proc)
         ms = 1000
         rows += [
             (f"fill: {ns.fill} files {ns.gap_ms:g} ms apart ({f['fill_s']:.1f} s), {f['probes']} probes: "
@@ -258,13 +238,12 @@ def main() -> None:
                 suffix, content = data[i % len(data)]
                 (staging / f"bulk{i:05d}{suffix}").write_bytes(content)
             reference = reading_cost(staging)
-            proc, socket = spawn(root, env)
+            proc, socket, _ = spawn_daemon(root, env, ["--device", "cpu"])
             try:
                 b = asyncio.run(bulk(socket, root / "embeddings", staging, ns.bulk))
                 c = asyncio.run(churn(socket, root / "embeddings", ns.churn_s, ns.rate))
             finally:
-                proc.terminate()
-                proc.wait(30)
+                stop_daemon(proc)
             rows += [
                 (f"bulk: {ns.bulk} files moved in at once -> all loaded", f"{b:.2f} s", "< 2 s", f"{b / 2:.2f}"),
                 ("bulk: reference, this process reading the same files", f"{reference:.2f} s", "",
