@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("SDREPL_SHARED", REPO.parent / "shared")) / "fixtures" / "embeddings" / "a1111"
+sys.path.insert(0, str(REPO / "tests"))
+from fixture_paths import A1111 as FIXTURES  # noqa: E402 - the vendored fixtures (SDREPL_SHARED overrides)
 
 
 def percentile(values: list[float], q: float) -> float:
