@@ -12,8 +12,8 @@ Prints one table. Run: ``python bench/bench_prompt.py [--device cpu|cuda] [--thr
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -27,10 +27,9 @@ from sdrepl.core.plan_budget import scheduled_prompt_budget
 from sdrepl.core.prompt import StaticLookup
 from sdrepl.core.tiny import load_tokenizer
 
-# The vendored fixtures (tests/fixtures), or $SDREPL_SHARED/fixtures when that names another copy.
-_ROOT = (Path(os.environ["SDREPL_SHARED"]) / "fixtures" if os.environ.get("SDREPL_SHARED")
-         else Path(__file__).resolve().parents[1] / "tests" / "fixtures")
-FIXTURES = _ROOT / "embeddings" / "a1111"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from fixture_paths import A1111 as FIXTURES  # noqa: E402 - the vendored fixtures (SDREPL_SHARED overrides)
+
 FILES = {
     "bad-hands-5": "bad-hands-5.pt",
     "bad-artist": "bad-artist.pt",

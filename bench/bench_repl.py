@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import statistics
 import subprocess
@@ -30,7 +29,9 @@ from sdrepl.daemon.client import DaemonClient, request_sync
 from sdrepl.repl.state import ReplState
 from sdrepl.repl.toolbar import BudgetTracker, budget_request, render_toolbar
 
-SHARED = Path(os.environ.get("SDREPL_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from fixture_paths import A1111  # noqa: E402 - the vendored fixtures (SDREPL_SHARED overrides)
+
 PHRASE = "masterpiece, best quality, a photo of a small cat sitting on a red chair in a sunny garden, "
 TYPED = "and a dog wearing a blue hat, " * 10
 
@@ -45,7 +46,7 @@ def daemon(socket: Path | None):
     embeddings = tmp / "embeddings"
     embeddings.mkdir()
     for name in ("bad-hands-5.pt", "bad-prompt.pt"):
-        source = SHARED / "fixtures" / "embeddings" / "a1111" / name
+        source = A1111 / name
         if source.is_file():
             shutil.copy(source, embeddings / name)
     sock = tmp / "d.sock"
