@@ -262,7 +262,8 @@ def start_generation(
     writes = PendingWrites()
     seeds = job.picture_seeds
     first = 0  # index of the current batch's first picture
-    sampling = _Passes(model, job, conds, sample_batch)
+    # img2img / hires: the init picture encoded once per job (txt2img needs none of it)
+    sampling = _Passes(model, job, conds, sample_batch) if job.init is not None or job.hires is not None else None
 
     def run(batch: list[int]) -> list[Any]:
         def on_step(done: int, _steps: int) -> None:
@@ -274,7 +275,7 @@ def start_generation(
 
         if cancel_event is not None and cancel_event.is_set():
             raise Cancelled(f"generate: cancelled before picture {first + 1} of {job.n}")
-        if job.init is None and job.hires is None:  # txt2img: the call it always was
+        if sampling is None:  # txt2img: the call it always was
             return sample_batch(model, cond, steps=job.steps, cfg=job.cfg, width=job.width, height=job.height,
                                 seeds=batch, on_step=on_step)
         return sampling.run(batch, on_step)
